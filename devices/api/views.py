@@ -1,0 +1,148 @@
+"""Device API: enrollment, tokens and heartbeat for devices; list/detail/change/delete for operators."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+from django.db.models import Count, QuerySet
+from django.shortcuts import get_object_or_404
+from django.utils import timezone
+from drf_spectacular.utils import extend_schema
+from rest_framework import generics, status, viewsets
+from rest_framework.permissions import AllowAny
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from devices import services
+from devices.api.filters import DeviceFilter
+from devices.api.serializers import (
+    DeviceGroupSerializer,
+    DeviceSerializer,
+    DeviceUpdateSerializer,
+    HeartbeatReplySerializer,
+    HeartbeatSerializer,
+    RegisteredSerializer,
+    RegisterSerializer,
+    TokenRequestSerializer,
+    TokenSerializer,
+)
+from devices.models import Device, DeviceGroup
+from ota_site.auth import DeviceJWTAuthentication
+from ota_site.permissions import IsDevice, IsDeviceOrOperator, IsOperator, check_own_device
+
+def token_reply(device: Device) -> dict[str, Any]:
+    token, lifetime = services.issue_token(device)
+    return {"access_token": token, "token_type": "Bearer", "expires_in": lifetime}
+
+
+class RegisterView(APIView):
+    authentication_classes: list[Any] = []
+    permission_classes = [AllowAny]
+
+    @extend_schema(request=RegisterSerializer, responses={201: RegisteredSerializer})
+    def post(self, request: Request) -> Response:
+        serializer = RegisterSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+        device, secret = services.register_device(
+            enrollment_token=data["enrollment_token"],
+            hardware_id=data["hardware_id"],
+            device_type=data["device_type"],
+            current_version=data.get("current_version", ""),
+            metadata=data.get("metadata"),
+        )
+        body = {"device_id": device.id, "device_secret": secret, **token_reply(device)}
+        return Response(RegisteredSerializer(body).data, status=status.HTTP_201_CREATED)
+
+
+class TokenView(APIView):
+    authentication_classes: list[Any] = []
+    permission_classes = [AllowAny]
+
+    @extend_schema(request=TokenRequestSerializer, responses={200: TokenSerializer})
+    def post(self, request: Request) -> Response:
+        serializer = TokenRequestSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        device = services.authenticate_device(
+            serializer.validated_data["device_id"], serializer.validated_data["secret"]
+        )
+        return Response(TokenSerializer(token_reply(device)).data)
+
+
+class HeartbeatView(APIView):
+    authentication_classes = [DeviceJWTAuthentication]
+    permission_classes = [IsDevice]
+
+    @extend_schema(request=HeartbeatSerializer, responses={200: HeartbeatReplySerializer})
+    def post(self, request: Request, device_id: Any) -> Response:
+        check_own_device(request, device_id)
+        serializer = HeartbeatSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        device = get_object_or_404(Device, pk=device_id)
+        services.record_heartbeat(
+            device,
+            current_version=serializer.validated_data.get("current_version"),
+            metadata=serializer.validated_data.get("metadata"),
+        )
+        reply = {"poll_interval": settings.DEVICE_POLL_INTERVAL, "server_time": timezone.now()}
+        return Response(HeartbeatReplySerializer(reply).data)
+
+
+class DeviceListView(generics.ListAPIView):
+    permission_classes = [IsOperator]
+    serializer_class = DeviceSerializer
+    filterset_class = DeviceFilter
+    queryset = Device.objects.all()
+
+
+class DeviceDetailView(generics.RetrieveUpdateDestroyAPIView):
+    """GET for the device itself or an operator; PUT, PATCH and DELETE for operators."""
+
+    authentication_classes = [DeviceJWTAuthentication, *generics.GenericAPIView.authentication_classes]
+    queryset = Device.objects.all()
+    serializer_class = DeviceSerializer
+    lookup_url_kwarg = "device_id"
+
+    def get_permissions(self) -> list[Any]:
+        if self.request.method in ("GET", "HEAD", "OPTIONS"):
+            return [IsDeviceOrOperator()]
+        return [IsOperator()]
+
+    def get_object(self) -> Device:
+        check_own_device(self.request, self.kwargs["device_id"])
+        return super().get_object()
+
+    @extend_schema(request=DeviceUpdateSerializer, responses={200: DeviceSerializer})
+    def update(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        device = self.get_object()
+        partial = kwargs.get("partial", False)
+        serializer = DeviceUpdateSerializer(data=request.data, partial=partial)
+        serializer.is_valid(raise_exception=True)
+        services.update_device(device, actor=request.user, **serializer.validated_data)
+        return Response(DeviceSerializer(device).data)
+
+    def perform_destroy(self, instance: Device) -> None:
+        services.delete_device(instance, actor=self.request.user)
+
+
+class DeviceGroupViewSet(viewsets.ModelViewSet):
+    permission_classes = [IsOperator]
+    serializer_class = DeviceGroupSerializer
+    lookup_url_kwarg = "group_id"
+
+    def get_queryset(self) -> QuerySet[DeviceGroup]:
+        return DeviceGroup.objects.annotate(device_count=Count("devices"))
+
+    def perform_create(self, serializer: Any) -> None:
+        group = services.create_group(actor=self.request.user, **serializer.validated_data)
+        serializer.instance = DeviceGroup.objects.annotate(device_count=Count("devices")).get(
+            pk=group.pk
+        )
+
+    def perform_update(self, serializer: Any) -> None:
+        services.update_group(serializer.instance, actor=self.request.user, **serializer.validated_data)
+
+    def perform_destroy(self, instance: DeviceGroup) -> None:
+        services.delete_group(instance, actor=self.request.user)

@@ -1,0 +1,94 @@
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from django.urls import reverse
+from rest_framework import serializers
+
+from firmware.models import Firmware, SigningKey
+from ota_site.validators import device_type_validator, validate_version
+
+
+class DependenciesField(serializers.ListField):
+    """A list of strings, sent as repeated form fields or as one JSON array."""
+
+    child = serializers.CharField(max_length=128)
+    max_length = 32
+
+    def to_internal_value(self, data: Any) -> list[Any]:
+        if isinstance(data, list) and len(data) == 1 and str(data[0]).lstrip().startswith("["):
+            data = data[0]
+        if isinstance(data, str):
+            try:
+                data = json.loads(data)
+            except ValueError:
+                self.fail("not_a_list", input_type="text that is not a JSON array")
+        return super().to_internal_value(data)
+
+
+class FirmwareUploadSerializer(serializers.Serializer):
+    file = serializers.FileField(allow_empty_file=False, use_url=False)
+    version = serializers.CharField(max_length=64, validators=[validate_version])
+    device_type = serializers.CharField(max_length=64, validators=[device_type_validator])
+    release_notes = serializers.CharField(
+        max_length=20_000, required=False, allow_blank=True, default=""
+    )
+    min_version = serializers.CharField(
+        max_length=64, required=False, allow_blank=True, validators=[validate_version]
+    )
+    dependencies = DependenciesField(required=False)
+
+
+class FirmwareSerializer(serializers.ModelSerializer):
+    size = serializers.IntegerField(source="file_size")
+    sha256 = serializers.CharField(source="checksum")
+    published = serializers.BooleanField(source="is_published")
+    release_notes = serializers.SerializerMethodField()
+    min_version = serializers.CharField(allow_null=True)
+    dependencies = serializers.SerializerMethodField()
+    key_id = serializers.CharField(allow_null=True)
+    download_url = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Firmware
+        fields = [
+            "id",
+            "version",
+            "device_type",
+            "filename",
+            "size",
+            "sha256",
+            "sha1",
+            "md5",
+            "release_notes",
+            "min_version",
+            "dependencies",
+            "published",
+            "published_at",
+            "created_at",
+            "manifest",
+            "signature",
+            "key_id",
+            "download_url",
+        ]
+        read_only_fields = fields
+
+    def get_release_notes(self, obj: Firmware) -> str:
+        return str(obj.metadata.get("release_notes") or "")
+
+    def get_dependencies(self, obj: Firmware) -> list[str]:
+        value = obj.metadata.get("dependencies") or []
+        return [str(item) for item in value]
+
+    def get_download_url(self, obj: Firmware) -> str:
+        path = reverse("firmware-download", kwargs={"firmware_id": obj.id})
+        request = self.context.get("request")
+        return request.build_absolute_uri(path) if request is not None else path
+
+
+class SigningKeySerializer(serializers.ModelSerializer):
+    class Meta:
+        model = SigningKey
+        fields = ["key_id", "algorithm", "public_key", "is_active", "created_at"]
+        read_only_fields = fields

@@ -1,0 +1,9 @@
+from django.apps import AppConfig
+
+
+class OtaSiteConfig(AppConfig):
+    name = "ota_site"
+    verbose_name = "OTA core"
+
+    def ready(self) -> None:
+        from ota_site import checks  # noqa: F401  registers the configuration checks

@@ -1,0 +1,78 @@
+"""Configuration checks with stable ids, run by every manage.py command and at server start-up.
+
+A bad deployment fails at start with a message naming the setting, never on the first request.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+from urllib.parse import urlparse
+
+from django.conf import settings
+from django.core import checks
+
+
+@checks.register(checks.Tags.compatibility)
+def check_configuration(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    errors: list[checks.CheckMessage] = [
+        checks.Error(message, id=check_id) for check_id, message in settings.CONFIG_ERRORS
+    ]
+    if settings.STORAGE not in {"local", "s3"}:
+        errors.append(
+            checks.Error(f"STORAGE={settings.STORAGE!r} is not 'local' or 's3'.", id="ota.E003")
+        )
+    elif settings.STORAGE == "s3" and not settings.AWS_STORAGE_BUCKET_NAME:
+        errors.append(
+            checks.Error("STORAGE=s3 needs AWS_STORAGE_BUCKET_NAME.", id="ota.E004"),
+        )
+    if settings.FIRMWARE_MAX_UPLOAD_SIZE <= 0:
+        errors.append(checks.Error("FIRMWARE_MAX_UPLOAD_SIZE must be positive.", id="ota.E005"))
+    if settings.DEVICE_JWT_LIFETIME <= 0:
+        errors.append(checks.Error("DEVICE_JWT_LIFETIME must be positive.", id="ota.E006"))
+    elif settings.DEVICE_JWT_LIFETIME > 900:
+        errors.append(
+            checks.Warning(
+                "DEVICE_JWT_LIFETIME is over 15 minutes: a revoked device keeps access that long.",
+                id="ota.W006",
+            )
+        )
+    key_path = settings.FIRMWARE_SIGNING_KEY_PATH
+    if not key_path.is_file():
+        # The key is created on first use: its folder (or the nearest existing parent) must be
+        # writable by the server.
+        existing = next((p for p in (key_path.parent, *key_path.parents) if p.exists()), None)
+        if existing is None or not os.access(existing, os.W_OK):
+            errors.append(
+                checks.Error(
+                    f"FIRMWARE_SIGNING_KEY_PATH={key_path} does not exist and cannot be created.",
+                    id="ota.E007",
+                )
+            )
+    if settings.REDIS_URL:
+        scheme = urlparse(settings.REDIS_URL).scheme
+        if scheme not in {"redis", "rediss", "unix"}:
+            errors.append(
+                checks.Error(
+                    f"REDIS_URL scheme {scheme!r} is not redis://, rediss:// or unix://.",
+                    id="ota.E008",
+                )
+            )
+    for name in ("DEVICE_LAST_SEEN_INTERVAL", "DEVICE_POLL_INTERVAL", "DEVICE_ONLINE_WINDOW"):
+        if getattr(settings, name) <= 0:
+            errors.append(checks.Error(f"{name} must be positive.", id="ota.E009"))
+    return errors
+
+
+def fail_fast_on_config_errors() -> None:
+    """Run the checks when a server process starts; refuse to serve with a broken configuration.
+
+    gunicorn and daphne do not run Django's checks themselves, so the WSGI/ASGI modules call this.
+    """
+    messages = checks.run_checks(include_deployment_checks=False)
+    serious = [m for m in messages if m.is_serious()]
+    if serious:
+        for message in serious:
+            print(f"configuration error: {message}", file=sys.stderr)
+        raise SystemExit(1)

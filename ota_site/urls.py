@@ -1,0 +1,65 @@
+"""URL routing. The device API is versioned in the path (/api/v1/): devices stay in the field for
+years, so v1 responses never change incompatibly."""
+
+from django.contrib import admin
+from django.urls import include, path
+from django.views.generic import RedirectView
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+from rest_framework.routers import SimpleRouter
+
+from devices.api import views as devices
+from firmware.api import views as firmware
+from metrics import views as metrics
+from rollouts.api import views as rollouts
+
+router = SimpleRouter(trailing_slash=False)
+router.register("groups", devices.DeviceGroupViewSet, basename="group")
+
+api_v1 = [
+    # Devices
+    path("devices", devices.DeviceListView.as_view(), name="device-list"),
+    path("devices/register", devices.RegisterView.as_view(), name="device-register"),
+    path("devices/token", devices.TokenView.as_view(), name="device-token"),
+    path("devices/<uuid:device_id>", devices.DeviceDetailView.as_view(), name="device-detail"),
+    path(
+        "devices/<uuid:device_id>/heartbeat",
+        devices.HeartbeatView.as_view(),
+        name="device-heartbeat",
+    ),
+    # The update flow
+    path(
+        "devices/<uuid:device_id>/updates", rollouts.UpdateCheckView.as_view(), name="device-updates"
+    ),
+    path("devices/<uuid:device_id>/status", rollouts.StatusView.as_view(), name="device-status"),
+    path("updates/check", rollouts.UpdateCheckView.as_view(), name="updates-check"),
+    path("status", rollouts.StatusView.as_view(), name="status"),
+    path("validation", rollouts.ValidationView.as_view(), name="validation"),
+    path("sessions", rollouts.SessionListView.as_view(), name="session-list"),
+    path("sessions/<uuid:session_id>", rollouts.SessionDetailView.as_view(), name="session-detail"),
+    # Firmware
+    path("firmware", firmware.FirmwareListView.as_view(), name="firmware-list"),
+    path("firmware/keys", firmware.SigningKeyListView.as_view(), name="firmware-keys"),
+    path("firmware/<uuid:firmware_id>", firmware.FirmwareDetailView.as_view(), name="firmware-detail"),
+    path(
+        "firmware/<uuid:firmware_id>/publish", firmware.PublishView.as_view(), name="firmware-publish"
+    ),
+    path(
+        "firmware/<uuid:firmware_id>/download",
+        firmware.DownloadView.as_view(),
+        name="firmware-download",
+    ),
+    *router.urls,
+]
+
+urlpatterns = [
+    path("api/v1/", include(api_v1)),
+    path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
+    path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
+    path("health", metrics.health, name="health"),
+    path("admin/", admin.site.urls),
+    # The console arrives with issue 6; until then the admin is the console.
+    path("", RedirectView.as_view(url="/admin/", permanent=False)),
+]
+
+handler404 = "ota_site.errors.not_found"
+handler500 = "ota_site.errors.server_error"

@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+from rest_framework import serializers
+
+from ota_site.validators import validate_version
+from rollouts.models import SessionStatus, UpdateSession
+
+REPORTABLE = [
+    SessionStatus.DOWNLOADING,
+    SessionStatus.INSTALLING,
+    SessionStatus.VALIDATING,
+    SessionStatus.SUCCESS,
+    SessionStatus.FAILED,
+]
+
+
+class UpdateCheckSerializer(serializers.Serializer):
+    update_available = serializers.BooleanField()
+    reason = serializers.CharField(help_text="Why (not): new, in_progress, up_to_date, …")
+    poll_interval = serializers.IntegerField()
+    session_id = serializers.UUIDField(required=False)
+    action_id = serializers.IntegerField(required=False)
+    session_status = serializers.CharField(required=False)
+    firmware_id = serializers.UUIDField(required=False)
+    version = serializers.CharField(required=False)
+    device_type = serializers.CharField(required=False)
+    url = serializers.URLField(required=False)
+    size = serializers.IntegerField(required=False)
+    sha256 = serializers.CharField(required=False)
+    signature = serializers.CharField(required=False, help_text="Ed25519 over `manifest`, base64.")
+    key_id = serializers.CharField(required=False)
+    manifest = serializers.CharField(required=False, help_text="The signed canonical JSON.")
+    min_version = serializers.CharField(required=False, allow_null=True)
+    is_rollback = serializers.BooleanField(required=False)
+
+
+class StatusReportSerializer(serializers.Serializer):
+    session_id = serializers.UUIDField()
+    status = serializers.ChoiceField(choices=REPORTABLE)
+    progress = serializers.IntegerField(min_value=0, max_value=100, required=False)
+    error_message = serializers.CharField(max_length=4000, required=False, allow_blank=True)
+
+
+class ValidationSerializer(serializers.Serializer):
+    session_id = serializers.UUIDField()
+    success = serializers.BooleanField()
+    version = serializers.CharField(
+        max_length=64, required=False, validators=[validate_version],
+        help_text="The version the device runs after the reboot.",
+    )
+    error_message = serializers.CharField(max_length=4000, required=False, allow_blank=True)
+
+
+class SessionSerializer(serializers.ModelSerializer):
+    id = serializers.UUIDField(source="uuid", read_only=True)
+    action_id = serializers.IntegerField(source="pk", read_only=True)
+    version = serializers.CharField(source="firmware.version", read_only=True)
+
+    class Meta:
+        model = UpdateSession
+        fields = [
+            "id",
+            "action_id",
+            "device",
+            "firmware",
+            "version",
+            "rollout",
+            "from_version",
+            "is_rollback",
+            "status",
+            "progress",
+            "error_message",
+            "started_at",
+            "updated_at",
+            "completed_at",
+            "duration",
+        ]
+        read_only_fields = fields
+
+
+class ReportReplySerializer(serializers.Serializer):
+    applied = serializers.BooleanField(help_text="False when the report changed nothing.")
+    session = SessionSerializer()

@@ -1,0 +1,139 @@
+"""The device update flow over HTTP: check, status reports, validation; sessions for operators."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import django_filters
+from django.conf import settings
+from django.db.models import QuerySet
+from django.urls import reverse
+from drf_spectacular.utils import extend_schema
+from rest_framework import generics
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from ota_site.auth import DeviceJWTAuthentication
+from ota_site.permissions import IsDevice, IsOperator, check_own_device
+from rollouts import services
+from rollouts.api.serializers import (
+    ReportReplySerializer,
+    SessionSerializer,
+    StatusReportSerializer,
+    UpdateCheckSerializer,
+    ValidationSerializer,
+)
+from rollouts.models import SessionStatus, UpdateSession
+
+
+class DeviceView(APIView):
+    authentication_classes = [DeviceJWTAuthentication]
+    permission_classes = [IsDevice]
+
+    def device_id(self, request: Request, device_id: Any = None) -> Any:
+        if device_id is None:
+            return request.user.id  # type: ignore[union-attr]
+        check_own_device(request, device_id)
+        return device_id
+
+
+class UpdateCheckView(DeviceView):
+    """GET /devices/{id}/updates and GET /updates/check (the device from its token)."""
+
+    @extend_schema(responses={200: UpdateCheckSerializer})
+    def get(self, request: Request, device_id: Any = None) -> Response:
+        offer = services.check_for_update(self.device_id(request, device_id))
+        body: dict[str, Any] = {
+            "update_available": offer.firmware is not None,
+            "reason": offer.reason,
+            "poll_interval": settings.DEVICE_POLL_INTERVAL,
+        }
+        firmware = offer.firmware
+        if firmware is not None:
+            url = reverse("firmware-download", kwargs={"firmware_id": firmware["id"]})
+            body.update(
+                session_id=str(offer.session_uuid),
+                action_id=offer.session_id,
+                session_status=offer.session_status,
+                firmware_id=firmware["id"],
+                version=firmware["version"],
+                device_type=firmware["device_type"],
+                url=request.build_absolute_uri(url),
+                size=firmware["size"],
+                sha256=firmware["sha256"],
+                signature=firmware["signature"],
+                key_id=firmware["key_id"],
+                manifest=firmware["manifest"],
+                min_version=firmware["min_version"],
+                is_rollback=offer.is_rollback,
+            )
+        return Response(body)
+
+
+class StatusView(DeviceView):
+    """POST /devices/{id}/status and POST /status: the device reports a step of its update."""
+
+    @extend_schema(request=StatusReportSerializer, responses={200: ReportReplySerializer})
+    def post(self, request: Request, device_id: Any = None) -> Response:
+        device = self.device_id(request, device_id)
+        serializer = StatusReportSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+        result = services.report_status(
+            device,
+            data["session_id"],
+            status=data["status"],
+            progress=data.get("progress"),
+            error_message=data.get("error_message"),
+        )
+        return Response({"applied": result.applied, "session": SessionSerializer(result.session).data})
+
+
+class ValidationView(DeviceView):
+    """POST /validation: after the reboot, the device confirms the update or reports a rollback."""
+
+    @extend_schema(request=ValidationSerializer, responses={200: ReportReplySerializer})
+    def post(self, request: Request, device_id: Any = None) -> Response:
+        device = self.device_id(request, device_id)
+        serializer = ValidationSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+        result = services.validate_session(
+            device,
+            data["session_id"],
+            success=data["success"],
+            running_version=data.get("version"),
+            error_message=data.get("error_message"),
+        )
+        return Response({"applied": result.applied, "session": SessionSerializer(result.session).data})
+
+
+class SessionFilter(django_filters.FilterSet):
+    device = django_filters.UUIDFilter(field_name="device_id")
+    firmware = django_filters.UUIDFilter(field_name="firmware_id")
+    rollout = django_filters.UUIDFilter(field_name="rollout_id")
+    status = django_filters.ChoiceFilter(choices=SessionStatus.choices)
+
+    class Meta:
+        model = UpdateSession
+        fields: list[str] = []
+
+
+class SessionListView(generics.ListAPIView):
+    permission_classes = [IsOperator]
+    serializer_class = SessionSerializer
+    filterset_class = SessionFilter
+
+    def get_queryset(self) -> QuerySet[UpdateSession]:
+        return UpdateSession.objects.select_related("firmware")
+
+
+class SessionDetailView(generics.RetrieveAPIView):
+    permission_classes = [IsOperator]
+    serializer_class = SessionSerializer
+    lookup_field = "uuid"
+    lookup_url_kwarg = "session_id"
+
+    def get_queryset(self) -> QuerySet[UpdateSession]:
+        return UpdateSession.objects.select_related("firmware")
