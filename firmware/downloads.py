@@ -47,7 +47,7 @@ def parse_range(header: str, size: int) -> tuple[int, int] | None | str:
         return max(size - suffix, 0), size - 1
     first = int(first_text)
     last = int(last_text) if last_text else size - 1
-    if last < first:
+    if last_text and last < first:
         return None
     if first >= size:
         return "unsatisfiable"

@@ -168,8 +168,11 @@ def publish_firmware(firmware: Firmware, *, actor: Any = None) -> Firmware:
             firmware_id=locked.id,
             data={"version": locked.version, "device_type": locked.device_type, "key_id": key.key_id},
         )
-        transaction.on_commit(lambda: cache.delete(_published_key(locked.device_type,
-                                                                  locked.version_key)))
+        # Clear a cached "not published" now and again after commit, so a poll that ran in
+        # between cannot leave it behind.
+        key = _published_key(locked.device_type, locked.version_key)
+        cache.delete(key)
+        transaction.on_commit(lambda: cache.delete(key))
     return locked
 
 

@@ -23,7 +23,6 @@ class EventKind(models.TextChoices):
     FIRMWARE_UPLOADED = "firmware.uploaded"
     FIRMWARE_PUBLISHED = "firmware.published"
     FIRMWARE_DELETED = "firmware.deleted"
-    SESSION_CREATED = "session.created"
     SESSION_PROGRESS = "session.progress"
     SESSION_FINISHED = "session.finished"
     SESSION_CANCELLED = "session.cancelled"

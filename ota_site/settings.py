@@ -116,7 +116,8 @@ TEMPLATES = [
 ]
 
 # --- Database -------------------------------------------------------------------------------
-DATABASE_URL = env.str("DATABASE_URL", default=f"sqlite:///{VAR_DIR / 'db.sqlite3'}")
+# An empty value means "not set" (make demo clears them to force the embedded mode).
+DATABASE_URL = env.str("DATABASE_URL", default="") or f"sqlite:///{VAR_DIR / 'db.sqlite3'}"
 try:
     _db: dict[str, Any] = env.db_url_config(DATABASE_URL)
 except (ImproperlyConfigured, ValueError, KeyError) as exc:
@@ -186,7 +187,7 @@ else:
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 
 # --- Celery ------------------------------------------------------------------------------------
-CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default=REDIS_URL or "filesystem://")
+CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="") or REDIS_URL or "filesystem://"
 if CELERY_BROKER_URL == "filesystem://":
     _queue_dir = VAR_DIR / "celery" / "queue"
     _queue_dir.mkdir(parents=True, exist_ok=True)
@@ -204,11 +205,12 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=False)
 
 # --- Storage --------------------------------------------------------------------------------
-STORAGE = env.str("STORAGE", default="local")
+STORAGE = env.str("STORAGE", default="") or "local"
 MEDIA_ROOT = env.str("MEDIA_ROOT", default=str(VAR_DIR / "media"))
 MEDIA_URL = "/media/"  # never routed: firmware is served by the download view only
 STATIC_ROOT = env.str("STATIC_ROOT", default=str(VAR_DIR / "static"))
 STATIC_URL = "/static/"
+Path(STATIC_ROOT).mkdir(parents=True, exist_ok=True)  # whitenoise expects it at start-up
 STATICFILES_DIRS = [BASE_DIR / "static"]
 _static_backend = (
     "whitenoise.storage.CompressedManifestStaticFilesStorage"

@@ -8,11 +8,12 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import JSONField, OuterRef, Subquery
 from django.db.models.functions import JSONObject
 from django.utils import timezone
@@ -185,21 +186,21 @@ def _assigned_at(device: Device) -> datetime | None:
 
 
 def _open_session(device: Device, firmware: PublishedFirmware, is_rollback: bool) -> Offer:
+    """Open the session with a single INSERT, which keeps the poll within its two queries.
+
+    The offer writes no event row: the session row records it, and the device's first status
+    report (within seconds) writes the first event of the session.
+    """
+    # A lone INSERT is atomic by itself; a savepoint is needed only inside an outer transaction,
+    # where a failed INSERT would otherwise break it.
+    guard = transaction.atomic() if connection.in_atomic_block else nullcontext()
     try:
-        with transaction.atomic():
+        with guard:
             session = UpdateSession.objects.create(
                 device_id=device.id,
                 firmware_id=firmware["id"],
                 from_version=device.current_version,
                 is_rollback=is_rollback,
-            )
-            record_event(
-                EventKind.SESSION_CREATED,
-                actor=f"device:{device.id}",
-                device_id=device.id,
-                firmware_id=session.firmware_id,
-                session_id=session.id,
-                data={"version": firmware["version"], "from_version": device.current_version},
             )
     except IntegrityError:
         # Another poll of the same device opened one a moment ago (one open session per device).

@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from django.core.validators import RegexValidator
 from django.urls import reverse
 from rest_framework import serializers
 
@@ -10,10 +11,17 @@ from firmware.models import Firmware, SigningKey
 from ota_site.validators import device_type_validator, validate_version
 
 
-class DependenciesField(serializers.ListField):
-    """A list of strings, sent as repeated form fields or as one JSON array."""
+dependency_validator = RegexValidator(
+    r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}(?:\s*(?:==|!=|>=|<=|>|<)\s*v?\d[0-9A-Za-z.+-]{0,63})?\Z",
+    "A dependency is a component name with an optional version constraint, like 'bootloader>=2.1'.",
+    code="invalid_dependency",
+)
 
-    child = serializers.CharField(max_length=128)
+
+class DependenciesField(serializers.ListField):
+    """Component constraints, sent as repeated form fields or as one JSON array."""
+
+    child = serializers.CharField(max_length=128, validators=[dependency_validator])
     max_length = 32
 
     def to_internal_value(self, data: Any) -> list[Any]:

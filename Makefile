@@ -1,0 +1,54 @@
+# The two commands: `make demo` and `make test` (README.md). Everything they need is installed here.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+HOST   ?= 127.0.0.1
+PORT   ?= 8000
+DEMO_DEVICES ?= 200
+
+# The test suite runs against the real PostgreSQL and Redis of this machine.
+TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/ota
+TEST_REDIS_URL    ?= redis://127.0.0.1:6379/15
+PYTEST_WORKERS    ?= auto
+
+# The embedded mode: SQLite and files under var/, no other service, whatever the shell has set.
+EMBEDDED := DATABASE_URL= REDIS_URL= STORAGE=local CELERY_BROKER_URL=
+TESTENV  := DATABASE_URL=$(TEST_DATABASE_URL) REDIS_URL=$(TEST_REDIS_URL) OTA_VAR_DIR=$(CURDIR)/var/test
+
+.PHONY: install demo serve test lint format migrations-check clean
+
+$(STAMP):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(EMBEDDED) $(PY) manage.py migrate --noinput
+	$(EMBEDDED) $(PY) manage.py collectstatic --noinput --verbosity 0
+	$(EMBEDDED) $(PY) manage.py demo_setup --host $(HOST) --port $(PORT) --devices $(DEMO_DEVICES)
+	$(MAKE) --no-print-directory serve
+
+serve: install
+	$(EMBEDDED) $(VENV)/bin/gunicorn ota_site.wsgi --bind $(HOST):$(PORT) --workers 2 \
+		--access-logfile - --graceful-timeout 5
+
+test: install
+	$(TESTENV) $(PY) manage.py makemigrations --check --dry-run
+	$(TESTENV) $(PY) -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy .
+
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf var/test var/cache .pytest_cache .mypy_cache .ruff_cache

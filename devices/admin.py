@@ -1,0 +1,420 @@
+"""Admin for devices, device groups and enrollment tokens; every change goes through services.py."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from datetime import timedelta
+from typing import Any
+
+from django import forms
+from django.conf import settings
+from django.contrib import admin, messages
+from django.db.models import Count, F, Q, QuerySet
+from django.http import HttpRequest
+from django.urls import reverse
+from django.utils import timezone
+from django.utils.html import format_html, format_html_join
+from django.utils.http import urlencode
+
+from devices import services
+from devices.models import Device, DeviceGroup, EnrollmentToken
+from ota_site.admin import ServiceModelAdmin, adopt, uuid_or_none
+from ota_site.models import Event
+from ota_site.validators import device_type_validator, validate_metadata, validate_version
+
+
+def _clean_target_version(value: str | None) -> str | None:
+    if value:
+        validate_version(value)
+    return value or None
+
+
+# --- Device groups ------------------------------------------------------------------------------
+
+
+class DeviceGroupForm(forms.ModelForm):
+    class Meta:
+        model = DeviceGroup
+        fields = ("name", "description", "target_version")
+        help_texts = {
+            "target_version": "The version every member without a target of its own should run. "
+            "Setting it again after a failed attempt retries the update."
+        }
+
+    def clean_target_version(self) -> str | None:
+        return _clean_target_version(self.cleaned_data.get("target_version"))
+
+
+@admin.register(DeviceGroup)
+class DeviceGroupAdmin(ServiceModelAdmin):
+    form = DeviceGroupForm
+    list_display = ("name", "target_version", "target_set_at", "device_count", "updated_at")
+    search_fields = ("name",)
+    ordering = ("name",)
+    fields = (
+        "name",
+        "description",
+        "target_version",
+        "target_set_at",
+        "members",
+        "created_at",
+        "updated_at",
+    )
+    readonly_fields = ("target_set_at", "members", "created_at", "updated_at")
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[DeviceGroup]:
+        return super().get_queryset(request).annotate(device_count=Count("devices"))
+
+    @admin.display(description="Devices", ordering="device_count")
+    def device_count(self, group: DeviceGroup) -> int:
+        return group.device_count  # type: ignore[attr-defined]
+
+    @admin.display(description="Members")
+    def members(self, group: DeviceGroup) -> str:
+        if group.pk is None or group._state.adding:
+            return "-"
+        url = (
+            reverse("admin:devices_device_changelist")
+            + "?"
+            + urlencode({"group__id__exact": str(group.pk)})
+        )
+        return format_html('<a href="{}">{} devices</a>', url, group.devices.count())
+
+    def save_model(
+        self, request: HttpRequest, obj: DeviceGroup, form: DeviceGroupForm, change: bool
+    ) -> None:
+        data = form.cleaned_data
+        if not change:
+            group = services.create_group(
+                name=data["name"],
+                description=data.get("description", ""),
+                target_version=data.get("target_version"),
+                actor=request.user,
+            )
+            adopt(obj, group)
+            return
+        changes = {name: data[name] for name in form.changed_data if name in form.Meta.fields}
+        if changes:
+            services.update_group(obj, actor=request.user, **changes)
+
+    def delete_model(self, request: HttpRequest, obj: DeviceGroup) -> None:
+        services.delete_group(obj, actor=request.user)
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[DeviceGroup]) -> None:
+        for group in queryset:
+            services.delete_group(group, actor=request.user)
+
+
+# --- Devices ------------------------------------------------------------------------------------
+
+
+class DeviceForm(forms.ModelForm):
+    """What an operator may change on a device; everything else is the device's own report."""
+
+    class Meta:
+        model = Device
+        fields = ("group", "target_version", "metadata")
+        help_texts = {
+            "target_version": "Overrides the group's target. It may name a version that is not "
+            "published yet. Setting it again after a failed attempt retries the update."
+        }
+
+    def clean_target_version(self) -> str | None:
+        return _clean_target_version(self.cleaned_data.get("target_version"))
+
+    def clean_metadata(self) -> dict[str, Any]:
+        value = self.cleaned_data.get("metadata")
+        return validate_metadata({} if value is None else value)
+
+
+class OnlineFilter(admin.SimpleListFilter):
+    title = "online"
+    parameter_name = "online"
+
+    def lookups(
+        self, request: HttpRequest, model_admin: admin.ModelAdmin[Any]
+    ) -> Iterable[tuple[str, str]]:
+        return (("yes", "Online"), ("no", "Offline"))
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        # The same window as Device.is_online; last_seen is indexed.
+        since = timezone.now() - timedelta(seconds=settings.DEVICE_ONLINE_WINDOW)
+        if self.value() == "yes":
+            return queryset.filter(last_seen__gt=since)
+        if self.value() == "no":
+            return queryset.filter(Q(last_seen__lte=since) | Q(last_seen__isnull=True))
+        return queryset
+
+
+@admin.register(Device)
+class DeviceAdmin(ServiceModelAdmin):
+    form = DeviceForm
+    list_display = (
+        "hardware_id",
+        "device_type",
+        "current_version",
+        "target_version",
+        "group",
+        "status",
+        "online",
+        "last_seen",
+    )
+    list_filter = ("status", OnlineFilter, "device_type", "group", "current_version")
+    list_select_related = ("group",)
+    search_fields = ("hardware_id",)
+    search_help_text = "Part of a hardware id, or a device id."
+    ordering = ("hardware_id",)
+    actions = ("reset_credentials",)
+    fieldsets = (
+        (
+            None,
+            {
+                "fields": (
+                    "hardware_id",
+                    "id",
+                    "device_type",
+                    "status",
+                    "current_version",
+                    "last_seen",
+                    "credentials",
+                )
+            },
+        ),
+        ("Assignment", {"fields": ("group", "target_version", "target_set_at", "metadata")}),
+        ("History", {"fields": ("recent_events", "created_at", "updated_at")}),
+    )
+    readonly_fields = (
+        "hardware_id",
+        "id",
+        "device_type",
+        "status",
+        "current_version",
+        "last_seen",
+        "credentials",
+        "target_set_at",
+        "recent_events",
+        "created_at",
+        "updated_at",
+    )
+    # A fleet of 100k devices: no second, unfiltered COUNT per page, and no facet counts.
+    show_full_result_count = False
+    show_facets = admin.ShowFacets.NEVER
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # devices enroll themselves with an enrollment token
+
+    @admin.display(description="Online", boolean=True)
+    def online(self, device: Device) -> bool:
+        return device.is_online
+
+    @admin.display(description="Credentials")
+    def credentials(self, device: Device) -> str:
+        if device.secret_hash:
+            return f"enrolled (generation {device.credential_generation})"
+        return "reset: the device may enroll again"
+
+    @admin.display(description="Recent events")
+    def recent_events(self, device: Device) -> str:
+        events = Event.objects.filter(device_id=device.id).order_by("-id")[:20]
+        rows = format_html_join(
+            "",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            (
+                (
+                    event.created_at.isoformat(timespec="seconds"),
+                    event.kind,
+                    event.actor,
+                    json.dumps(event.data, sort_keys=True)[:200],
+                )
+                for event in events
+            ),
+        )
+        url = (
+            reverse("admin:ota_site_event_changelist")
+            + "?"
+            + urlencode({"device_id": str(device.id)})
+        )
+        return format_html('<table>{}</table><a href="{}">All events of this device</a>', rows, url)
+
+    def get_search_results(
+        self, request: HttpRequest, queryset: QuerySet[Device], search_term: str
+    ) -> tuple[QuerySet[Device], bool]:
+        device_id = uuid_or_none(search_term)
+        if device_id is not None:
+            return queryset.filter(pk=device_id), False
+        return super().get_search_results(request, queryset, search_term)
+
+    def get_deleted_objects(
+        self, objs: Sequence[Device] | QuerySet[Device], request: HttpRequest
+    ) -> tuple[list[str], dict[str, int], set[str], list[str]]:
+        to_delete, counts, perms_needed, protected = super().get_deleted_objects(objs, request)
+        # A device's session history goes with it (delete_device decides that), although no one
+        # may delete sessions on their own: only the permission on devices counts here.
+        perms_needed = {name for name in perms_needed if name == self.opts.verbose_name}
+        return to_delete, counts, perms_needed, protected
+
+    def save_model(self, request: HttpRequest, obj: Device, form: DeviceForm, change: bool) -> None:
+        data = form.cleaned_data
+        # Only what the operator changed: the event records exactly that, and a target_version
+        # that is saved again unchanged must not count as a new assignment (which would retry).
+        changes = {name: data[name] for name in form.changed_data if name in form.Meta.fields}
+        if changes:
+            services.update_device(obj, actor=request.user, **changes)
+
+    def delete_model(self, request: HttpRequest, obj: Device) -> None:
+        services.delete_device(obj, actor=request.user)
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Device]) -> None:
+        for device in queryset:
+            services.delete_device(device, actor=request.user)
+
+    @admin.action(description="Reset credentials (allow re-enrollment)", permissions=["change"])
+    def reset_credentials(self, request: HttpRequest, queryset: QuerySet[Device]) -> None:
+        count = 0
+        for device in queryset:
+            services.reset_credentials(device, actor=request.user)
+            count += 1
+        self.message_user(
+            request,
+            f"Reset the credentials of {count} device(s); they may enroll again.",
+            messages.SUCCESS,
+        )
+
+
+# --- Enrollment tokens --------------------------------------------------------------------------
+
+
+class EnrollmentTokenForm(forms.ModelForm):
+    max_uses = forms.IntegerField(required=False, min_value=1, help_text="Blank: unlimited.")
+
+    class Meta:
+        model = EnrollmentToken
+        fields = ("name", "device_type", "group", "expires_at", "max_uses")
+
+    def clean_device_type(self) -> str:
+        value: str = self.cleaned_data.get("device_type") or ""
+        if value:
+            device_type_validator(value)
+        return value
+
+    def clean_expires_at(self) -> Any:
+        # The service refuses this too; asking here keeps the operator's input on the page.
+        value = self.cleaned_data.get("expires_at")
+        if value is not None and value <= timezone.now():
+            raise forms.ValidationError("The expiry is in the past.", code="expired")
+        return value
+
+
+class TokenStateFilter(admin.SimpleListFilter):
+    title = "state"
+    parameter_name = "state"
+
+    def lookups(
+        self, request: HttpRequest, model_admin: admin.ModelAdmin[Any]
+    ) -> Iterable[tuple[str, str]]:
+        return (
+            ("active", "Active"),
+            ("revoked", "Revoked"),
+            ("expired", "Expired"),
+            ("exhausted", "Exhausted"),
+        )
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        # The same order of precedence as EnrollmentToken.state.
+        now = timezone.now()
+        revoked = Q(revoked_at__isnull=False)
+        expired = Q(expires_at__isnull=False, expires_at__lte=now)
+        exhausted = Q(max_uses__isnull=False, uses__gte=F("max_uses"))
+        value = self.value()
+        if value == "active":
+            return queryset.exclude(revoked | expired | exhausted)
+        if value == "revoked":
+            return queryset.filter(revoked)
+        if value == "expired":
+            return queryset.filter(expired).exclude(revoked)
+        if value == "exhausted":
+            return queryset.filter(exhausted).exclude(revoked | expired)
+        return queryset
+
+
+@admin.register(EnrollmentToken)
+class EnrollmentTokenAdmin(ServiceModelAdmin):
+    """Tokens are created (shown once) and revoked; nothing else about them changes."""
+
+    form = EnrollmentTokenForm
+    list_display = (
+        "name",
+        "prefix",
+        "state",
+        "device_type",
+        "group",
+        "uses",
+        "max_uses",
+        "expires_at",
+        "created_by",
+        "created_at",
+    )
+    list_filter = (TokenStateFilter, "device_type", "group")
+    list_select_related = ("group", "created_by")
+    search_fields = ("name", "=prefix")
+    date_hierarchy = "created_at"
+    ordering = ("-created_at",)
+    actions = ("revoke_tokens",)
+    add_fields = ("name", "device_type", "group", "expires_at", "max_uses")
+    view_fields = (
+        "name",
+        "prefix",
+        "state",
+        "device_type",
+        "group",
+        "expires_at",
+        "max_uses",
+        "uses",
+        "revoked_at",
+        "created_by",
+        "created_at",
+    )
+    # token_hash is never shown: it is of no use to a person.
+    readonly_fields = ("prefix", "state", "uses", "revoked_at", "created_by", "created_at")
+
+    def get_fields(self, request: HttpRequest, obj: EnrollmentToken | None = None) -> Any:
+        return self.add_fields if obj is None else self.view_fields
+
+    def has_change_permission(
+        self, request: HttpRequest, obj: EnrollmentToken | None = None
+    ) -> bool:
+        return False  # no service edits a token; revoke it and create another
+
+    def has_revoke_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("devices.change_enrollmenttoken")
+
+    def save_model(
+        self, request: HttpRequest, obj: EnrollmentToken, form: EnrollmentTokenForm, change: bool
+    ) -> None:
+        data = form.cleaned_data
+        token, plaintext = services.create_enrollment_token(
+            name=data["name"],
+            device_type=data.get("device_type") or "",
+            group=data.get("group"),
+            expires_at=data.get("expires_at"),
+            max_uses=data.get("max_uses"),
+            actor=request.user,
+        )
+        adopt(obj, token)
+        messages.success(
+            request,
+            format_html(
+                "The enrollment token is <code>{}</code> — copy it now: it is stored only as a "
+                "hash and cannot be shown again.",
+                plaintext,
+            ),
+        )
+
+    @admin.action(description="Revoke selected tokens", permissions=["revoke"])
+    def revoke_tokens(self, request: HttpRequest, queryset: QuerySet[EnrollmentToken]) -> None:
+        count = 0
+        for token in queryset.filter(revoked_at__isnull=True):
+            services.revoke_enrollment_token(token, actor=request.user)
+            count += 1
+        self.message_user(request, f"Revoked {count} token(s).", messages.SUCCESS)

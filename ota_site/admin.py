@@ -1,0 +1,160 @@
+"""The admin site's titles, the event log (view only), and the pieces every app's admin shares.
+
+The admin is the power-user console. It writes only through the apps' services.py, like the API
+and the manage.py commands, so a refusal there (``ServiceError``) must reach the operator as an
+error message, never as a 500.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from django.contrib import admin, messages
+from django.db import models
+from django.db.models import QuerySet
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.urls import reverse
+from django.utils.html import format_html
+
+from ota_site.errors import ServiceError
+from ota_site.models import Event
+
+admin.site.site_header = "OTA update server"
+admin.site.site_title = "OTA update server"
+admin.site.index_title = "Fleet administration"
+
+
+class ServiceModelAdmin(admin.ModelAdmin):
+    """A ModelAdmin whose saves and deletes call services that may refuse with a ServiceError.
+
+    Both views run in a transaction, so letting the error leave the view rolls back everything the
+    admin wrote around the service call (its LogEntry included); the operator is sent back to the
+    page with the service's own words. Ask the form for what a form can check, so this stays the
+    rare path (e.g. a race with another operator).
+    """
+
+    def changeform_view(
+        self,
+        request: HttpRequest,
+        object_id: str | None = None,
+        form_url: str = "",
+        extra_context: dict[str, Any] | None = None,
+    ) -> HttpResponse:
+        try:
+            return super().changeform_view(request, object_id, form_url, extra_context)
+        except ServiceError as exc:
+            self.message_user(request, exc.detail, messages.ERROR)
+            return HttpResponseRedirect(request.get_full_path())
+
+    def delete_view(
+        self, request: HttpRequest, object_id: str, extra_context: dict[str, Any] | None = None
+    ) -> HttpResponse:
+        try:
+            return super().delete_view(request, object_id, extra_context)
+        except ServiceError as exc:
+            self.message_user(request, exc.detail, messages.ERROR)
+            opts = self.opts
+            url = reverse(
+                f"admin:{opts.app_label}_{opts.model_name}_change",
+                args=[object_id],
+                current_app=self.admin_site.name,
+            )
+            return HttpResponseRedirect(url)
+
+
+def adopt(instance: models.Model, saved: models.Model) -> None:
+    """Turn the admin's unsaved form instance into the row a service created.
+
+    ModelAdmin keeps using the instance it passed to ``save_model`` (for the log entry, the
+    message and the redirect), so it must carry the created row's primary key and values.
+    """
+    for field in instance._meta.concrete_fields:
+        setattr(instance, field.attname, getattr(saved, field.attname))
+    instance._state.adding = False
+    instance._state.db = saved._state.db
+
+
+def uuid_or_none(text: str) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(text.strip())
+    except ValueError:
+        return None
+
+
+def pretty_json(value: Any) -> str:
+    return format_html(
+        '<pre style="white-space: pre-wrap; margin: 0">{}</pre>',
+        json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False),
+    )
+
+
+@admin.register(Event)
+class EventAdmin(admin.ModelAdmin):
+    """The append-only event log: viewing only, for everyone, superusers included."""
+
+    list_display = ("id", "created_at", "kind", "actor", "subject", "session_id")
+    list_filter = ("kind", ("created_at", admin.DateFieldListFilter))
+    search_fields = ("actor",)
+    search_help_text = "Actor text, or the id of a device, firmware, rollout or session."
+    # Newest first by primary key: the table only grows and id order is creation order.
+    ordering = ("-id",)
+    fields = (
+        "id",
+        "created_at",
+        "kind",
+        "actor",
+        "device_id",
+        "firmware_id",
+        "rollout_id",
+        "session_id",
+        "pretty_data",
+    )
+    readonly_fields = fields
+    # Counting the whole log on every page would cost a full scan of the largest table.
+    show_full_result_count = False
+    show_facets = admin.ShowFacets.NEVER
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Event | None = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Event | None = None) -> bool:
+        return False
+
+    @admin.display(description="Subject")
+    def subject(self, event: Event) -> str:
+        if event.device_id:
+            return f"device {event.device_id}"
+        if event.firmware_id:
+            return f"firmware {event.firmware_id}"
+        if event.rollout_id:
+            return f"rollout {event.rollout_id}"
+        return "-"
+
+    @admin.display(description="Data")
+    def pretty_data(self, event: Event) -> str:
+        return pretty_json(event.data)
+
+    def get_search_results(
+        self, request: HttpRequest, queryset: QuerySet[Event], search_term: str
+    ) -> tuple[QuerySet[Event], bool]:
+        # Ids are matched exactly on their own indexed columns; Django's default would cast every
+        # id column to text and scan the whole log.
+        term = search_term.strip()
+        subject = uuid_or_none(term)
+        if subject is not None:
+            return (
+                queryset.filter(
+                    models.Q(device_id=subject)
+                    | models.Q(firmware_id=subject)
+                    | models.Q(rollout_id=subject)
+                ),
+                False,
+            )
+        if term.isdigit() and len(term) <= 18:  # fits a bigint
+            return queryset.filter(models.Q(session_id=int(term)) | models.Q(pk=int(term))), False
+        return super().get_search_results(request, queryset, search_term)

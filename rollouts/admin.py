@@ -1,0 +1,197 @@
+"""Admin for rollouts (with their stages) and update sessions."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from django.contrib import admin, messages
+from django.db.models import Count, ForeignKey, Q, QuerySet
+from django.forms import ModelChoiceField
+from django.http import HttpRequest
+from django.urls import reverse
+from django.utils.html import format_html, format_html_join
+from django.utils.http import urlencode
+
+from firmware.models import Firmware
+from ota_site.admin import uuid_or_none
+from ota_site.models import Event
+from rollouts import services
+from rollouts.models import OPEN_STATUSES, Rollout, RolloutStage, UpdateSession
+
+
+class RolloutStageInline(admin.TabularInline):
+    model = RolloutStage
+    fields = ("position", "name", "percentage", "min_duration", "start_time", "completion_time")
+    readonly_fields = ("start_time", "completion_time")
+    ordering = ("position",)
+    extra = 0
+
+
+@admin.register(Rollout)
+class RolloutAdmin(admin.ModelAdmin):
+    """Status is read-only until the rollout engine (start, advance, pause, roll back) arrives."""
+
+    inlines = (RolloutStageInline,)
+    list_display = (
+        "name",
+        "firmware",
+        "status",
+        "stage_count",
+        "created_by",
+        "created_at",
+        "started_at",
+        "completed_at",
+    )
+    list_filter = ("status", "firmware__device_type")
+    list_select_related = ("firmware", "created_by")
+    search_fields = ("name", "firmware__version")
+    date_hierarchy = "created_at"
+    ordering = ("-created_at",)
+    filter_horizontal = ("target_groups",)
+    fields = (
+        "name",
+        "firmware",
+        "status",
+        "target_groups",
+        "success_threshold",
+        "rollback_threshold",
+        "created_by",
+        "created_at",
+        "started_at",
+        "completed_at",
+    )
+    readonly_fields = ("status", "created_by", "created_at", "started_at", "completed_at")
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Rollout]:
+        return super().get_queryset(request).annotate(stage_count=Count("stages"))
+
+    @admin.display(description="Stages", ordering="stage_count")
+    def stage_count(self, rollout: Rollout) -> int:
+        return rollout.stage_count  # type: ignore[attr-defined]
+
+    def formfield_for_foreignkey(
+        self, db_field: ForeignKey[Any, Any], request: HttpRequest, **kwargs: Any
+    ) -> ModelChoiceField[Any] | None:
+        if db_field.name == "firmware":
+            # Only published firmware can reach devices.
+            kwargs["queryset"] = Firmware.objects.filter(published_at__isnull=False)
+        return super().formfield_for_foreignkey(db_field, request, **kwargs)
+
+    def save_model(self, request: HttpRequest, obj: Rollout, form: Any, change: bool) -> None:
+        # Plain save until rollouts.services grows create_rollout with the rollout engine.
+        if not change:
+            obj.created_by = request.user  # type: ignore[assignment]
+        super().save_model(request, obj, form, change)
+
+
+@admin.register(UpdateSession)
+class UpdateSessionAdmin(admin.ModelAdmin):
+    """View only: sessions change through the device flow; operators may cancel open ones."""
+
+    list_display = (
+        "id",
+        "device",
+        "firmware",
+        "from_version",
+        "status",
+        "progress",
+        "is_rollback",
+        "rollout",
+        "started_at",
+        "completed_at",
+        "duration",
+    )
+    list_filter = (
+        "status",
+        "is_rollback",
+        "firmware__device_type",
+        ("started_at", admin.DateFieldListFilter),
+    )
+    list_select_related = ("device", "firmware", "rollout")
+    search_fields = ("device__hardware_id",)
+    search_help_text = "Part of a hardware id, a session number, or a session or device id."
+    # Newest first by the sequential id, which has an index; started_at alone has none.
+    ordering = ("-id",)
+    actions = ("cancel_selected",)
+    fields = (
+        "id",
+        "uuid",
+        "device",
+        "firmware",
+        "rollout",
+        "from_version",
+        "is_rollback",
+        "status",
+        "progress",
+        "error_message",
+        "started_at",
+        "updated_at",
+        "completed_at",
+        "duration",
+        "session_events",
+    )
+    readonly_fields = fields
+    # Sessions grow with every update of every device: no unfiltered COUNT, no facet counts.
+    show_full_result_count = False
+    show_facets = admin.ShowFacets.NEVER
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[UpdateSession]:
+        # The change page shows the same relations as the list.
+        return super().get_queryset(request).select_related("device", "firmware", "rollout")
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: UpdateSession | None = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: UpdateSession | None = None) -> bool:
+        return False  # history; sessions go only with their device
+
+    def has_cancel_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("rollouts.change_updatesession")
+
+    @admin.display(description="Events")
+    def session_events(self, session: UpdateSession) -> str:
+        events = Event.objects.filter(session_id=session.id).order_by("id")[:50]
+        rows = format_html_join(
+            "",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            (
+                (
+                    event.created_at.isoformat(timespec="seconds"),
+                    event.kind,
+                    event.actor,
+                    json.dumps(event.data, sort_keys=True)[:200],
+                )
+                for event in events
+            ),
+        )
+        url = (
+            reverse("admin:ota_site_event_changelist") + "?" + urlencode({"session_id": session.id})
+        )
+        return format_html(
+            '<table>{}</table><a href="{}">All events of this session</a>', rows, url
+        )
+
+    def get_search_results(
+        self, request: HttpRequest, queryset: QuerySet[UpdateSession], search_term: str
+    ) -> tuple[QuerySet[UpdateSession], bool]:
+        term = search_term.strip()
+        if term.isdigit() and len(term) <= 18:  # fits a bigint
+            return queryset.filter(pk=int(term)), False
+        some_id = uuid_or_none(term)
+        if some_id is not None:
+            return queryset.filter(Q(uuid=some_id) | Q(device_id=some_id)), False
+        return super().get_search_results(request, queryset, search_term)
+
+    @admin.action(description="Cancel selected sessions", permissions=["cancel"])
+    def cancel_selected(self, request: HttpRequest, queryset: QuerySet[UpdateSession]) -> None:
+        cancelled = 0
+        for session_id in queryset.filter(status__in=OPEN_STATUSES).values_list("id", flat=True):
+            if services.cancel_session(
+                session_id, reason="Cancelled by an operator.", actor=request.user
+            ):
+                cancelled += 1
+        self.message_user(request, f"Cancelled {cancelled} open session(s).", messages.SUCCESS)

@@ -1,0 +1,105 @@
+"""The shared cast: an admin, an operator, a viewer, device A and device B (STYLE.md §11)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from django.contrib.auth.models import User
+from rest_framework.test import APIClient
+
+from devices import services as device_services
+from devices.models import Device
+from firmware import services as firmware_services
+from firmware.models import Firmware
+from tests.factories import FirmwareFactory
+
+
+@pytest.fixture(autouse=True)
+def _isolated(settings: Any, tmp_path: Any) -> None:
+    """Each test gets its own storage folder, signing key and cache namespace."""
+    settings.MEDIA_ROOT = str(tmp_path / "media")
+    settings.STORAGES = {
+        **settings.STORAGES,
+        "default": {
+            "BACKEND": "django.core.files.storage.FileSystemStorage",
+            "OPTIONS": {"location": str(tmp_path / "media")},
+        },
+    }
+    settings.FIRMWARE_SIGNING_KEY_PATH = tmp_path / "keys" / "signing.pem"
+    caches = {name: dict(config) for name, config in settings.CACHES.items()}
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    caches["default"]["KEY_PREFIX"] = f"test:{worker}:{uuid.uuid4().hex[:12]}"
+    settings.CACHES = caches
+
+
+@pytest.fixture
+def api() -> APIClient:
+    return APIClient()
+
+
+@pytest.fixture
+def operator(db: Any) -> User:
+    return User.objects.create_user("olivia", password="pw-operator-1", is_staff=True)
+
+
+@pytest.fixture
+def viewer(db: Any) -> User:
+    return User.objects.create_user("victor", password="pw-viewer-1", is_staff=False)
+
+
+@pytest.fixture
+def operator_api(operator: User) -> APIClient:
+    client = APIClient()
+    client.force_login(operator)
+    return client
+
+
+@dataclass
+class DeviceActor:
+    """A registered device with its secret and a client that carries its access token."""
+
+    device: Device
+    secret: str
+    client: APIClient
+
+    @property
+    def id(self) -> uuid.UUID:
+        return self.device.id
+
+    def refresh(self) -> Device:
+        self.device.refresh_from_db()
+        return self.device
+
+
+def enroll(hardware_id: str, device_type: str = "board-a", version: str = "1.0.0") -> DeviceActor:
+    _, token = device_services.create_enrollment_token(name=f"for {hardware_id}")
+    device, secret = device_services.register_device(
+        enrollment_token=token,
+        hardware_id=hardware_id,
+        device_type=device_type,
+        current_version=version,
+    )
+    access, _ = device_services.issue_token(device)
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {access}")
+    return DeviceActor(device=device, secret=secret, client=client)
+
+
+@pytest.fixture
+def device_a(db: Any) -> DeviceActor:
+    return enroll("device-a")
+
+
+@pytest.fixture
+def device_b(db: Any) -> DeviceActor:
+    return enroll("device-b")
+
+
+@pytest.fixture
+def published(db: Any) -> Firmware:
+    """Firmware 1.1.0 for board-a, published and signed."""
+    return firmware_services.publish_firmware(FirmwareFactory(version="1.1.0"))
