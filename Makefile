@@ -14,7 +14,10 @@ PYTEST_WORKERS    ?= auto
 
 # The embedded mode: SQLite and files under var/, no other service, whatever the shell has set.
 EMBEDDED := DATABASE_URL= REDIS_URL= STORAGE=local CELERY_BROKER_URL=
-TESTENV  := DATABASE_URL=$(TEST_DATABASE_URL) REDIS_URL=$(TEST_REDIS_URL) OTA_VAR_DIR=$(CURDIR)/var/test
+# Its own test database name per checkout, so two checkouts on one machine never collide.
+TEST_DB_NAME      ?= test_ota_$(shell printf %s "$(CURDIR)" | cksum | cut -d' ' -f1)
+TESTENV  := DATABASE_URL=$(TEST_DATABASE_URL) DATABASE_TEST_NAME=$(TEST_DB_NAME) \
+	REDIS_URL=$(TEST_REDIS_URL) OTA_VAR_DIR=$(CURDIR)/var/test
 
 .PHONY: install demo serve test lint format migrations-check clean
 
@@ -35,10 +38,10 @@ demo: install
 
 serve: install
 	$(EMBEDDED) $(VENV)/bin/gunicorn ota_site.wsgi --bind $(HOST):$(PORT) --workers 2 \
-		--access-logfile - --graceful-timeout 5
+		--access-logfile - --graceful-timeout 5 --no-control-socket
 
 test: install
-	$(TESTENV) $(PY) manage.py makemigrations --check --dry-run
+	$(EMBEDDED) OTA_VAR_DIR=$(CURDIR)/var/test $(PY) manage.py makemigrations --check --dry-run
 	$(TESTENV) $(PY) -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 lint: install

@@ -20,6 +20,7 @@ from django.utils.http import urlencode
 from devices import services
 from devices.models import Device, DeviceGroup, EnrollmentToken
 from ota_site.admin import ServiceModelAdmin, adopt, uuid_or_none
+from ota_site.errors import ServiceError
 from ota_site.models import Event
 from ota_site.validators import device_type_validator, validate_metadata, validate_version
 
@@ -38,8 +39,7 @@ class DeviceGroupForm(forms.ModelForm):
         model = DeviceGroup
         fields = ("name", "description", "target_version")
         help_texts = {
-            "target_version": "The version every member without a target of its own should run. "
-            "Setting it again after a failed attempt retries the update."
+            "target_version": "The version every member without a target of its own should run."
         }
 
     def clean_target_version(self) -> str | None:
@@ -79,7 +79,10 @@ class DeviceGroupAdmin(ServiceModelAdmin):
             + "?"
             + urlencode({"group__id__exact": str(group.pk)})
         )
-        return format_html('<a href="{}">{} devices</a>', url, group.devices.count())
+        count = getattr(group, "device_count", None)
+        if count is None:
+            count = group.devices.count()
+        return format_html('<a href="{}">{} devices</a>', url, count)
 
     def save_model(
         self, request: HttpRequest, obj: DeviceGroup, form: DeviceGroupForm, change: bool
@@ -94,16 +97,25 @@ class DeviceGroupAdmin(ServiceModelAdmin):
             )
             adopt(obj, group)
             return
-        changes = {name: data[name] for name in form.changed_data if name in form.Meta.fields}
+        changes = {n: data[n] for n in form.changed_data if n in DeviceGroupForm.Meta.fields}
         if changes:
-            services.update_group(obj, actor=request.user, **changes)
+            # The form has already written its values into obj; the service compares with the
+            # stored row.
+            stored = DeviceGroup.objects.get(pk=obj.pk)
+            services.update_group(stored, actor=request.user, **changes)
+            adopt(obj, stored)
 
     def delete_model(self, request: HttpRequest, obj: DeviceGroup) -> None:
         services.delete_group(obj, actor=request.user)
 
     def delete_queryset(self, request: HttpRequest, queryset: QuerySet[DeviceGroup]) -> None:
+        # The confirmation page already refused groups that enrollment tokens protect; what is
+        # refused now got a token meanwhile and is reported one by one.
         for group in queryset:
-            services.delete_group(group, actor=request.user)
+            try:
+                services.delete_group(group, actor=request.user)
+            except ServiceError as exc:
+                self.message_user(request, f"{group} was not deleted: {exc.detail}", messages.ERROR)
 
 
 # --- Devices ------------------------------------------------------------------------------------
@@ -117,15 +129,17 @@ class DeviceForm(forms.ModelForm):
         fields = ("group", "target_version", "metadata")
         help_texts = {
             "target_version": "Overrides the group's target. It may name a version that is not "
-            "published yet. Setting it again after a failed attempt retries the update."
+            'published yet. To retry a failed update, use the "Retry the assigned update" '
+            "action."
         }
 
     def clean_target_version(self) -> str | None:
         return _clean_target_version(self.cleaned_data.get("target_version"))
 
     def clean_metadata(self) -> dict[str, Any]:
-        value = self.cleaned_data.get("metadata")
-        return validate_metadata({} if value is None else value)
+        value = {} if self.cleaned_data.get("metadata") is None else self.cleaned_data["metadata"]
+        validate_metadata(value)
+        return value
 
 
 class OnlineFilter(admin.SimpleListFilter):
@@ -165,7 +179,7 @@ class DeviceAdmin(ServiceModelAdmin):
     search_fields = ("hardware_id",)
     search_help_text = "Part of a hardware id, or a device id."
     ordering = ("hardware_id",)
-    actions = ("reset_credentials",)
+    actions = ("reset_credentials", "retry_update")
     fieldsets = (
         (
             None,
@@ -204,7 +218,7 @@ class DeviceAdmin(ServiceModelAdmin):
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # devices enroll themselves with an enrollment token
 
-    @admin.display(description="Online", boolean=True)
+    @admin.display(description="Online", boolean=True, ordering="last_seen")
     def online(self, device: Device) -> bool:
         return device.is_online
 
@@ -258,9 +272,25 @@ class DeviceAdmin(ServiceModelAdmin):
         data = form.cleaned_data
         # Only what the operator changed: the event records exactly that, and a target_version
         # that is saved again unchanged must not count as a new assignment (which would retry).
-        changes = {name: data[name] for name in form.changed_data if name in form.Meta.fields}
+        changes = {n: data[n] for n in form.changed_data if n in DeviceForm.Meta.fields}
         if changes:
-            services.update_device(obj, actor=request.user, **changes)
+            # The form has already written its values into obj; the service compares with the
+            # stored row.
+            stored = Device.objects.get(pk=obj.pk)
+            services.update_device(stored, actor=request.user, **changes)
+            adopt(obj, stored)
+
+    @admin.action(description="Retry the assigned update", permissions=["change"])
+    def retry_update(self, request: HttpRequest, queryset: QuerySet[Device]) -> None:
+        retried = 0
+        for device in queryset.select_related("group"):
+            try:
+                services.retry_update(device, actor=request.user)
+                retried += 1
+            except ServiceError as exc:
+                self.message_user(request, f"{device}: {exc.detail}", messages.ERROR)
+        if retried:
+            self.message_user(request, f"Retrying on {retried} device(s).", messages.SUCCESS)
 
     def delete_model(self, request: HttpRequest, obj: Device) -> None:
         services.delete_device(obj, actor=request.user)
@@ -410,6 +440,13 @@ class EnrollmentTokenAdmin(ServiceModelAdmin):
                 plaintext,
             ),
         )
+
+    def delete_model(self, request: HttpRequest, obj: EnrollmentToken) -> None:
+        services.delete_enrollment_token(obj, actor=request.user)
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[EnrollmentToken]) -> None:
+        for token in queryset:
+            services.delete_enrollment_token(token, actor=request.user)
 
     @admin.action(description="Revoke selected tokens", permissions=["revoke"])
     def revoke_tokens(self, request: HttpRequest, queryset: QuerySet[EnrollmentToken]) -> None:

@@ -24,7 +24,8 @@ class DeviceGroup(models.Model):
     name = models.CharField(max_length=100, unique=True)
     description = models.TextField(blank=True)
     # The version every member without a target of its own should run (explicit assignment).
-    target_version = models.CharField(max_length=64, null=True, blank=True)
+    # As in the spec's model, null means "no assignment".
+    target_version = models.CharField(max_length=64, null=True, blank=True)  # noqa: DJ001
     # When target_version was last set: an assignment made after a failed attempt retries it.
     target_set_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -44,9 +45,12 @@ class Device(models.Model):
     current_version = models.CharField(max_length=64, blank=True)
     # ota_site.versions sort key of current_version: version order and ranges in SQL.
     current_version_key = models.CharField(max_length=128, blank=True, editable=False)
-    target_version = models.CharField(max_length=64, null=True, blank=True)
+    # As in the spec's model, null means "no assignment".
+    target_version = models.CharField(max_length=64, null=True, blank=True)  # noqa: DJ001
     target_set_at = models.DateTimeField(null=True, blank=True)
-    status = models.CharField(max_length=16, choices=DeviceStatus.choices, default=DeviceStatus.IDLE)
+    status = models.CharField(
+        max_length=16, choices=DeviceStatus.choices, default=DeviceStatus.IDLE
+    )
     last_seen = models.DateTimeField(null=True, blank=True)
     group = models.ForeignKey(
         DeviceGroup, null=True, blank=True, on_delete=models.SET_NULL, related_name="devices"
@@ -55,7 +59,8 @@ class Device(models.Model):
     # sha256 of the device secret; empty once an operator resets the credentials, which lets the
     # same hardware_id enroll again.
     secret_hash = models.CharField(max_length=64, blank=True, editable=False)
-    # Bumped when credentials are reset: tokens of an older generation stop being accepted.
+    # Bumped when credentials are reset. Tokens carry it: the poll and the heartbeat refuse an
+    # older generation at once; other calls stop accepting it when the token expires.
     credential_generation = models.PositiveIntegerField(default=1, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
@@ -114,7 +119,7 @@ class EnrollmentToken(models.Model):
         DeviceGroup,
         null=True,
         blank=True,
-        on_delete=models.CASCADE,
+        on_delete=models.PROTECT,
         help_text="Devices that enroll with it join this group.",
     )
     expires_at = models.DateTimeField(null=True, blank=True)

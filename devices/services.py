@@ -1,4 +1,5 @@
-"""Every state change of devices, groups and enrollment tokens. Views, admin and commands call these."""
+"""Every state change of devices, groups and enrollment tokens (views, admin and commands call
+these)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db import IntegrityError, transaction
-from django.db.models import F, Q
+from django.db.models import F, ProtectedError, Q
 from django.utils import timezone
 
 from devices.models import Device, DeviceGroup, DeviceStatus, EnrollmentToken
@@ -24,7 +25,7 @@ ENROLLMENT_TOKEN_PREFIX = "ota_enroll_"
 
 
 class AuthenticationError(ServiceError):
-    status_code = 401
+    status_code: int = 401
     code = "authentication_failed"
 
 
@@ -61,7 +62,7 @@ def create_enrollment_token(
             group=group,
             expires_at=expires_at,
             max_uses=max_uses,
-            created_by=actor if isinstance(actor, AbstractBaseUser) else None,
+            created_by=actor if isinstance(actor, User) else None,
         )
         record_event(
             EventKind.ENROLLMENT_TOKEN_CREATED,
@@ -83,6 +84,17 @@ def revoke_enrollment_token(token: EnrollmentToken, *, actor: Any = None) -> Non
                 data={"token": str(token.pk), "prefix": token.prefix},
             )
     token.refresh_from_db(fields=["revoked_at"])
+
+
+def delete_enrollment_token(token: EnrollmentToken, *, actor: Any = None) -> None:
+    """Forget a token (revoke it first to keep it on record); devices it enrolled stay."""
+    with transaction.atomic():
+        record_event(
+            EventKind.ENROLLMENT_TOKEN_REVOKED,
+            actor=actor_of(actor),
+            data={"token": str(token.pk), "prefix": token.prefix, "deleted": True},
+        )
+        token.delete()
 
 
 def _find_enrollment_token(text: str) -> EnrollmentToken:
@@ -124,10 +136,17 @@ def register_device(
         )
     secret = secrets.token_urlsafe(32)
     with transaction.atomic():
-        # Count the use with a compare-and-set, so concurrent enrollments never exceed max_uses.
-        limit = Q(max_uses__isnull=True) | Q(uses__lt=F("max_uses"))
-        if not EnrollmentToken.objects.filter(limit, pk=token.pk).update(uses=F("uses") + 1):
-            raise NotAllowed("The enrollment token is exhausted.", code="enrollment_exhausted")
+        # Count the use with a compare-and-set that re-checks every limit, so concurrent
+        # enrollments never exceed max_uses and a token revoked a moment ago enrolls nothing.
+        usable = (
+            (Q(max_uses__isnull=True) | Q(uses__lt=F("max_uses")))
+            & (Q(expires_at__isnull=True) | Q(expires_at__gt=timezone.now()))
+            & Q(revoked_at__isnull=True)
+        )
+        if not EnrollmentToken.objects.filter(usable, pk=token.pk).update(uses=F("uses") + 1):
+            token.refresh_from_db()
+            state = token.state if token.state != "active" else "exhausted"
+            raise NotAllowed(f"The enrollment token is {state}.", code=f"enrollment_{state}")
         existing = Device.objects.select_for_update().filter(hardware_id=hardware_id).first()
         if existing is not None:
             if existing.secret_hash:
@@ -199,9 +218,7 @@ def reset_credentials(device: Device, *, actor: Any = None) -> None:
         Device.objects.filter(pk=device.pk).update(
             secret_hash="", credential_generation=F("credential_generation") + 1
         )
-        record_event(
-            EventKind.DEVICE_CREDENTIALS_RESET, actor=actor_of(actor), device_id=device.id
-        )
+        record_event(EventKind.DEVICE_CREDENTIALS_RESET, actor=actor_of(actor), device_id=device.id)
     device.refresh_from_db()
 
 
@@ -269,15 +286,14 @@ def update_device(
     device: Device,
     *,
     actor: Any = None,
-    group: DeviceGroup | None | object = ...,
-    target_version: str | None | object = ...,
+    group: DeviceGroup | object | None = ...,
+    target_version: str | object | None = ...,
     metadata: dict[str, Any] | object = ...,
 ) -> Device:
     """Change what an operator may change. Arguments left out (``...``) stay as they are.
 
     A target_version may name a version that is not published yet: the device is offered it once
-    a published firmware of its type has that version. Setting it again after a failed attempt
-    retries the update.
+    a published firmware of its type has that version.
     """
     fields: list[str] = []
     data: dict[str, Any] = {}
@@ -285,13 +301,15 @@ def update_device(
         device.group = group  # type: ignore[assignment]
         fields.append("group")
         data["group"] = str(device.group_id) if device.group_id else None
-    if target_version is not ...:
+    if target_version is not ... and (target_version or None) != device.target_version:
+        # Only a change restamps the assignment: a PUT that repeats it must not retry a failed
+        # update (retry_update does that on purpose).
         device.target_version = target_version or None  # type: ignore[assignment]
         device.target_set_at = timezone.now() if device.target_version else None
         fields += ["target_version", "target_set_at"]
         data["target_version"] = device.target_version
     if metadata is not ...:
-        device.metadata = metadata  # type: ignore[assignment]
+        device.metadata = metadata
         fields.append("metadata")
         data["metadata"] = True
     if not fields:
@@ -300,6 +318,28 @@ def update_device(
         device.save(update_fields=[*fields, "updated_at"])
         record_event(
             EventKind.DEVICE_UPDATED, actor=actor_of(actor), device_id=device.id, data=data
+        )
+    return device
+
+
+def retry_update(device: Device, *, actor: Any = None) -> Device:
+    """Offer the device its assigned version again after a failed or cancelled attempt.
+
+    The device is pinned to the version it is assigned (its own or its group's), stamped now, so
+    the next poll opens a new session.
+    """
+    version = device.effective_target_version
+    if not version:
+        raise StateConflict("The device has no assigned version to retry.", code="no_assignment")
+    with transaction.atomic():
+        device.target_version = version
+        device.target_set_at = timezone.now()
+        device.save(update_fields=["target_version", "target_set_at", "updated_at"])
+        record_event(
+            EventKind.DEVICE_UPDATED,
+            actor=actor_of(actor),
+            device_id=device.id,
+            data={"target_version": version, "retry": True},
         )
     return device
 
@@ -343,17 +383,14 @@ def update_group(
     actor: Any = None,
     name: str | None = None,
     description: str | None = None,
-    target_version: str | None | object = ...,
+    target_version: str | object | None = ...,
 ) -> DeviceGroup:
-    """Rename or describe a group, or assign the version its members should run.
-
-    Setting the target again after a failed attempt retries the update on those devices.
-    """
+    """Rename or describe a group, or assign the version its members should run."""
     if name is not None:
         group.name = name
     if description is not None:
         group.description = description
-    if target_version is not ...:
+    if target_version is not ... and (target_version or None) != group.target_version:
         group.target_version = target_version or None  # type: ignore[assignment]
         group.target_set_at = timezone.now() if group.target_version else None
     with transaction.atomic():
@@ -365,25 +402,36 @@ def update_group(
         record_event(
             EventKind.GROUP_CHANGED,
             actor=actor_of(actor),
-            data={"group": str(group.id), "name": group.name, "target_version": group.target_version},
+            data={
+                "group": str(group.id),
+                "name": group.name,
+                "target_version": group.target_version,
+            },
         )
     return group
 
 
 def delete_group(group: DeviceGroup, *, actor: Any = None) -> None:
-    """Delete a group; its devices stay, without a group."""
-    with transaction.atomic():
-        record_event(
-            EventKind.GROUP_CHANGED,
-            actor=actor_of(actor),
-            data={"group": str(group.id), "deleted": group.name},
-        )
-        group.delete()
+    """Delete a group; its devices stay, without a group.
+
+    Refused while enrollment tokens enroll into it: devices in the field may still use them.
+    """
+    try:
+        with transaction.atomic():
+            record_event(
+                EventKind.GROUP_CHANGED,
+                actor=actor_of(actor),
+                data={"group": str(group.id), "deleted": group.name},
+            )
+            group.delete()
+    except ProtectedError as exc:
+        raise StateConflict(
+            "Enrollment tokens enroll devices into this group; revoke or delete them first.",
+            code="group_in_use",
+        ) from exc
 
 
 def set_status(device_id: Any, status: DeviceStatus) -> None:
     Device.objects.filter(pk=device_id).exclude(status=status).update(
         status=status, updated_at=timezone.now()
     )
-
-

@@ -28,7 +28,7 @@ CHUNK = 256 * 1024
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
 
-def parse_range(header: str, size: int) -> tuple[int, int] | None | str:
+def parse_range(header: str, size: int) -> tuple[int, int] | str | None:
     """One byte range as (first, last) inclusive; None to serve it all; "unsatisfiable" for 416.
 
     A Range header that is malformed or asks for several ranges is ignored (RFC 9110 allows it),
@@ -70,16 +70,17 @@ def _read_range(handle: IO[bytes], first: int, length: int) -> Iterator[bytes]:
 
 def serve_firmware(request: HttpRequest, firmware: Firmware) -> HttpResponseBase:
     size = firmware.file_size
+    name = str(firmware.file.name)
     etag = f'"{firmware.checksum}"'
     common = {
         "ETag": etag,
         "Accept-Ranges": "bytes",
-        "Content-Disposition": f'attachment; filename="{firmware.file.name.rsplit("/", 1)[-1]}"',
+        "Content-Disposition": f'attachment; filename="{name.rsplit("/", 1)[-1]}"',
         "Cache-Control": "private, max-age=86400",
         "X-Checksum-Sha256": firmware.checksum,
     }
     if settings.STORAGE == "s3" and request.method == "GET":
-        url = firmware.file.storage.url(firmware.file.name)
+        url = firmware.file.storage.url(name)
         redirect = HttpResponseRedirect(url)
         redirect["Cache-Control"] = "no-store"
         return redirect
@@ -91,7 +92,7 @@ def serve_firmware(request: HttpRequest, firmware: Firmware) -> HttpResponseBase
             not_modified[header] = common[header]
         return not_modified
 
-    wanted: tuple[int, int] | None | str = None
+    wanted: tuple[int, int] | str | None = None
     range_header = request.headers.get("Range")
     if range_header:
         if_range = request.headers.get("If-Range")
@@ -100,9 +101,9 @@ def serve_firmware(request: HttpRequest, firmware: Firmware) -> HttpResponseBase
         if if_range is None or if_range.strip() == etag:
             wanted = parse_range(range_header, size)
     if wanted == "unsatisfiable":
-        response = json_error(416, "range_not_satisfiable", f"The file has {size} bytes.")
-        response["Content-Range"] = f"bytes */{size}"
-        return response
+        refusal = json_error(416, "range_not_satisfiable", f"The file has {size} bytes.")
+        refusal["Content-Range"] = f"bytes */{size}"
+        return refusal
 
     if isinstance(wanted, tuple):
         first, last = wanted
@@ -116,13 +117,13 @@ def serve_firmware(request: HttpRequest, firmware: Firmware) -> HttpResponseBase
     if request.method == "HEAD":
         response = HttpResponse(status=status, content_type="application/octet-stream")
     elif status == 200:
-        response = FileResponse(
-            firmware.file.storage.open(firmware.file.name, "rb"),
-            content_type="application/octet-stream",
+        whole = FileResponse(
+            firmware.file.storage.open(name, "rb"), content_type="application/octet-stream"
         )
-        response.block_size = CHUNK
+        whole.block_size = CHUNK
+        response = whole
     else:
-        handle = firmware.file.storage.open(firmware.file.name, "rb")
+        handle = firmware.file.storage.open(name, "rb")
         response = StreamingHttpResponse(
             _read_range(handle, first, length),
             status=status,

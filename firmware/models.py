@@ -18,7 +18,9 @@ class SigningKey(models.Model):
         ED25519 = "ed25519"
 
     key_id = models.CharField(max_length=32, primary_key=True)
-    algorithm = models.CharField(max_length=16, choices=Algorithm.choices, default=Algorithm.ED25519)
+    algorithm = models.CharField(
+        max_length=16, choices=Algorithm.choices, default=Algorithm.ED25519
+    )
     public_key = models.CharField(max_length=100, help_text="Raw public key, base64.")
     is_active = models.BooleanField(default=True)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -68,7 +70,9 @@ class Firmware(models.Model):
         indexes = [
             models.Index(fields=["version"], name="firmware_version_idx"),
             # "Latest published firmware for a device type".
-            models.Index(fields=["device_type", "published_at"], name="firmware_type_published_idx"),
+            models.Index(
+                fields=["device_type", "published_at"], name="firmware_type_published_idx"
+            ),
         ]
 
     def __str__(self) -> str:

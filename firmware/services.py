@@ -8,7 +8,7 @@ import uuid
 from typing import Any, TypedDict
 
 from django.conf import settings
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.core.files.uploadedfile import UploadedFile
 from django.db import IntegrityError, transaction
 from django.db.models import ProtectedError
@@ -44,7 +44,9 @@ class PublishedFirmware(TypedDict):
 
 
 def _storage_name(firmware_id: uuid.UUID, device_type: str, version: str, filename: str) -> str:
-    safe = get_valid_filename(filename.rsplit("/", 1)[-1].rsplit("\\", 1)[-1])[:120] or "firmware.bin"
+    safe = (
+        get_valid_filename(filename.rsplit("/", 1)[-1].rsplit("\\", 1)[-1])[:120] or "firmware.bin"
+    )
     return f"firmware/{get_valid_filename(device_type)}/{firmware_id}/{safe}"
 
 
@@ -84,7 +86,7 @@ def upload_firmware(
             "min_version": min_version or None,
             "dependencies": dependencies or [],
         },
-        created_by=actor if isinstance(actor, AbstractBaseUser) else None,
+        created_by=actor if isinstance(actor, User) else None,
     )
     name = _storage_name(firmware.id, device_type, version, firmware.filename)
     stored = firmware.file.storage.save(name, file, max_length=300)
@@ -125,7 +127,7 @@ def manifest_of(firmware: Firmware) -> dict[str, Any]:
 
 def stored_sha256(firmware: Firmware) -> str:
     digest = hashlib.sha256()
-    with firmware.file.storage.open(firmware.file.name, "rb") as handle:
+    with firmware.file.storage.open(str(firmware.file.name), "rb") as handle:
         for chunk in iter(lambda: handle.read(1024 * 1024), b""):
             digest.update(chunk)
     return digest.hexdigest()
@@ -145,8 +147,9 @@ def publish_firmware(firmware: Firmware, *, actor: Any = None) -> Firmware:
             "The firmware file cannot be read from storage.", code="storage_unreadable"
         ) from exc
     if actual != firmware.checksum:
-        logger.error("firmware %s: stored sha256 %s != recorded %s", firmware.id, actual,
-                     firmware.checksum)
+        logger.error(
+            "firmware %s: stored sha256 %s != recorded %s", firmware.id, actual, firmware.checksum
+        )
         raise StateConflict(
             "The stored firmware does not match its recorded checksum; upload it again.",
             code="checksum_mismatch",
@@ -166,13 +169,17 @@ def publish_firmware(firmware: Firmware, *, actor: Any = None) -> Firmware:
             EventKind.FIRMWARE_PUBLISHED,
             actor=actor_of(actor),
             firmware_id=locked.id,
-            data={"version": locked.version, "device_type": locked.device_type, "key_id": key.key_id},
+            data={
+                "version": locked.version,
+                "device_type": locked.device_type,
+                "key_id": key.key_id,
+            },
         )
         # Clear a cached "not published" now and again after commit, so a poll that ran in
         # between cannot leave it behind.
-        key = _published_key(locked.device_type, locked.version_key)
-        cache.delete(key)
-        transaction.on_commit(lambda: cache.delete(key))
+        cache_key = _published_key(locked.device_type, locked.version_key)
+        cache.delete(cache_key)
+        transaction.on_commit(lambda: cache.delete(cache_key))
     return locked
 
 
@@ -181,7 +188,7 @@ def publish_firmware(firmware: Firmware, *, actor: Any = None) -> Firmware:
 
 def delete_firmware(firmware: Firmware, *, actor: Any = None) -> None:
     """Delete a firmware and its file; refused (409) while a rollout or session refers to it."""
-    name = firmware.file.name
+    name = str(firmware.file.name)
     try:
         with transaction.atomic():
             record_event(
@@ -196,11 +203,19 @@ def delete_firmware(firmware: Firmware, *, actor: Any = None) -> None:
             "This firmware is used by a rollout or an update session and cannot be deleted.",
             code="firmware_in_use",
         ) from exc
-    cache.delete(_published_key(firmware.device_type, firmware.version_key))
-    try:
-        firmware.file.storage.delete(name)
-    except OSError:  # the row is gone; a leftover file is harmless and logged
-        logger.warning("could not delete firmware file %s", name, exc_info=True)
+    storage = firmware.file.storage
+    cache_key = _published_key(firmware.device_type, firmware.version_key)
+
+    def remove_file_and_cache() -> None:
+        cache.delete(cache_key)
+        try:
+            storage.delete(name)
+        except OSError:  # the row is gone; a leftover file is harmless and logged
+            logger.warning("could not delete firmware file %s", name, exc_info=True)
+
+    # After commit: if an outer transaction rolls the delete back, the row keeps its file.
+    cache.delete(cache_key)
+    transaction.on_commit(remove_file_and_cache)
 
 
 # --- Lookup for the device poll ------------------------------------------------------------------
@@ -228,14 +243,21 @@ def published_firmware(device_type: str, version: str) -> PublishedFirmware | No
     if cached == _NONE:
         return None
     if cached is not cache.MISSING:
-        return cached  # type: ignore[no-any-return]
+        return cached
     firmware = (
         Firmware.objects.filter(
             device_type=device_type, version_key=key_of_version, published_at__isnull=False
         )
         .only(
-            "id", "version", "device_type", "file_size", "checksum", "signature",
-            "signing_key_id", "manifest", "metadata",
+            "id",
+            "version",
+            "device_type",
+            "file_size",
+            "checksum",
+            "signature",
+            "signing_key_id",
+            "manifest",
+            "metadata",
         )
         .first()
     )

@@ -38,6 +38,7 @@ class HashingUploadHandler(TemporaryFileUploadHandler):
 
     def file_complete(self, file_size: int) -> TemporaryUploadedFile:
         uploaded = super().file_complete(file_size)
+        assert isinstance(uploaded, TemporaryUploadedFile)
         uploaded.hashes = {  # type: ignore[attr-defined]
             "sha256": self.sha256.hexdigest(),
             "sha1": self.sha1.hexdigest(),

@@ -65,10 +65,10 @@ class ServiceModelAdmin(admin.ModelAdmin):
 
 
 def adopt(instance: models.Model, saved: models.Model) -> None:
-    """Turn the admin's unsaved form instance into the row a service created.
+    """Turn the admin's form instance into the row a service created or saved.
 
     ModelAdmin keeps using the instance it passed to ``save_model`` (for the log entry, the
-    message and the redirect), so it must carry the created row's primary key and values.
+    message and the redirect), so it must carry the saved row's primary key and values.
     """
     for field in instance._meta.concrete_fields:
         setattr(instance, field.attname, getattr(saved, field.attname))

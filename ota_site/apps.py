@@ -6,4 +6,4 @@ class OtaSiteConfig(AppConfig):
     verbose_name = "OTA core"
 
     def ready(self) -> None:
-        from ota_site import checks  # noqa: F401  registers the configuration checks
+        from ota_site import checks, schema  # noqa: F401  register the checks and schema extensions

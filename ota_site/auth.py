@@ -16,7 +16,12 @@ from typing import Any
 import jwt
 from django.conf import settings
 from rest_framework import exceptions
-from rest_framework.authentication import BaseAuthentication, get_authorization_header
+from rest_framework.authentication import (
+    BaseAuthentication,
+    BasicAuthentication,
+    SessionAuthentication,
+    get_authorization_header,
+)
 from rest_framework.request import Request
 
 ISSUER = "ota-server"
@@ -108,3 +113,11 @@ class DeviceJWTAuthentication(BaseAuthentication):
 
     def authenticate_header(self, request: Request) -> str:
         return 'Bearer realm="devices"'
+
+
+# Endpoints that both devices and people call (a device's own record, downloads, public keys).
+DEVICE_OR_OPERATOR_AUTH: list[type[BaseAuthentication]] = [
+    DeviceJWTAuthentication,
+    SessionAuthentication,
+    BasicAuthentication,
+]

@@ -19,7 +19,7 @@ def get(key: str) -> Any:
         return MISSING
 
 
-def set(key: str, value: Any, timeout: int) -> None:  # noqa: A001 - mirrors the cache API
+def set(key: str, value: Any, timeout: int) -> None:
     try:
         cache.set(key, value, timeout)
     except Exception:

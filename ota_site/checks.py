@@ -43,7 +43,7 @@ def check_configuration(app_configs: Any = None, **kwargs: Any) -> list[checks.C
         # The key is created on first use: its folder (or the nearest existing parent) must be
         # writable by the server.
         existing = next((p for p in (key_path.parent, *key_path.parents) if p.exists()), None)
-        if existing is None or not os.access(existing, os.W_OK):
+        if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK):
             errors.append(
                 checks.Error(
                     f"FIRMWARE_SIGNING_KEY_PATH={key_path} does not exist and cannot be created.",

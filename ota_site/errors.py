@@ -24,7 +24,7 @@ class ServiceError(Exception):
     refuse the same things with the same words.
     """
 
-    status_code = status.HTTP_400_BAD_REQUEST
+    status_code: int = status.HTTP_400_BAD_REQUEST
     code = "invalid"
 
     def __init__(self, detail: str, *, code: str | None = None, status_code: int | None = None):
@@ -37,12 +37,12 @@ class ServiceError(Exception):
 
 
 class NotAllowed(ServiceError):
-    status_code = status.HTTP_403_FORBIDDEN
+    status_code: int = status.HTTP_403_FORBIDDEN
     code = "forbidden"
 
 
 class StateConflict(ServiceError):
-    status_code = status.HTTP_409_CONFLICT
+    status_code: int = status.HTTP_409_CONFLICT
     code = "conflict"
 
 

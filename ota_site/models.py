@@ -34,6 +34,9 @@ class EventQuerySet(models.QuerySet["Event"]):
     def update(self, **kwargs: Any) -> int:
         raise TypeError("events are append-only")
 
+    def delete(self) -> tuple[int, dict[str, int]]:
+        raise TypeError("events are append-only; archive them with a management command")
+
 
 class Event(models.Model):
     # Sequential id: streams and pollers resume "after id N", so ids must only grow.
@@ -65,6 +68,9 @@ class Event(models.Model):
         if self.pk is not None and not self._state.adding:
             raise TypeError("events are append-only")
         super().save(*args, **kwargs)
+
+    def delete(self, *args: Any, **kwargs: Any) -> tuple[int, dict[str, int]]:
+        raise TypeError("events are append-only")
 
     def as_message(self) -> dict[str, Any]:
         """The typed JSON message that streams send for this event."""

@@ -39,10 +39,19 @@ def _secret(name: str, default: str | None = None) -> str | None:
     return env.str(name, default=default)
 
 
+def _typed(kind: str, name: str, default: Any) -> Any:
+    """env.int/float/bool that records a bad value as a configuration error instead of crashing."""
+    try:
+        return getattr(env, kind)(name, default=default)
+    except (ValueError, TypeError, ImproperlyConfigured):
+        CONFIG_ERRORS.append(("ota.E010", f"{name}={env.str(name, default='')!r} is not a {kind}."))
+        return default
+
+
 VAR_DIR = Path(env.str("OTA_VAR_DIR", default=str(BASE_DIR / "var"))).resolve()
 VAR_DIR.mkdir(parents=True, exist_ok=True)
 
-DEBUG = env.bool("DJANGO_DEBUG", default=False)
+DEBUG = _typed("bool", "DJANGO_DEBUG", False)
 
 
 def _embedded_secret_key() -> str:
@@ -62,7 +71,9 @@ ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=["127.0.0.1", "localhos
 CSRF_TRUSTED_ORIGINS = env.list("DJANGO_CSRF_TRUSTED_ORIGINS", default=[])
 # Behind nginx, which terminates TLS and sets X-Forwarded-Proto.
 SECURE_PROXY_SSL_HEADER = (
-    ("HTTP_X_FORWARDED_PROTO", "https") if env.bool("DJANGO_BEHIND_TLS_PROXY", False) else None
+    ("HTTP_X_FORWARDED_PROTO", "https")
+    if _typed("bool", "DJANGO_BEHIND_TLS_PROXY", False)
+    else None
 )
 
 INSTALLED_APPS = [
@@ -125,18 +136,18 @@ except (ImproperlyConfigured, ValueError, KeyError) as exc:
     _db = {"ENGINE": "django.db.backends.dummy"}
 
 if _db["ENGINE"] == "django.db.backends.postgresql":
-    if env.bool("DATABASE_POOL", default=True):
+    if _typed("bool", "DATABASE_POOL", True):
         # psycopg's pool, one per process. Sync gunicorn workers serve one request at a time, so a
         # small pool per worker is enough; the fleet-wide total is workers x max_size.
         _db.setdefault("OPTIONS", {})["pool"] = {
-            "min_size": env.int("DATABASE_POOL_MIN_SIZE", default=1),
-            "max_size": env.int("DATABASE_POOL_MAX_SIZE", default=10),
-            "timeout": env.float("DATABASE_POOL_TIMEOUT", default=10.0),
+            "min_size": _typed("int", "DATABASE_POOL_MIN_SIZE", 1),
+            "max_size": _typed("int", "DATABASE_POOL_MAX_SIZE", 10),
+            "timeout": _typed("float", "DATABASE_POOL_TIMEOUT", 10.0),
         }
         _db["CONN_MAX_AGE"] = 0  # the pool keeps connections; Django must not
     else:
         # Persistent connections: a new connection per request cost ~4x throughput here.
-        _db["CONN_MAX_AGE"] = env.int("DATABASE_CONN_MAX_AGE", default=600)
+        _db["CONN_MAX_AGE"] = _typed("int", "DATABASE_CONN_MAX_AGE", 600)
         _db["CONN_HEALTH_CHECKS"] = True
     _db.setdefault("OPTIONS", {}).setdefault("connect_timeout", 5)
 elif _db["ENGINE"] == "django.db.backends.sqlite3":
@@ -149,8 +160,12 @@ elif _db["ENGINE"] == "django.db.backends.sqlite3":
     }
 elif _db["ENGINE"] != "django.db.backends.dummy":
     CONFIG_ERRORS.append(
-        ("ota.E002", f"DATABASE_URL engine {_db['ENGINE']} is not supported (use postgres or sqlite)")
+        (
+            "ota.E002",
+            f"DATABASE_URL engine {_db['ENGINE']} is not supported (use postgres or sqlite)",
+        )
     )
+    _db = {"ENGINE": "django.db.backends.dummy"}
 _db["ATOMIC_REQUESTS"] = False
 _db.setdefault("TEST", {})["NAME"] = env.str("DATABASE_TEST_NAME", default=None)
 DATABASES = {"default": _db}
@@ -202,7 +217,7 @@ CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_ACKS_LATE = True  # a task lost with its worker is run again
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
-CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=False)
+CELERY_TASK_ALWAYS_EAGER = _typed("bool", "CELERY_TASK_ALWAYS_EAGER", False)
 
 # --- Storage --------------------------------------------------------------------------------
 STORAGE = env.str("STORAGE", default="") or "local"
@@ -214,7 +229,7 @@ Path(STATIC_ROOT).mkdir(parents=True, exist_ok=True)  # whitenoise expects it at
 STATICFILES_DIRS = [BASE_DIR / "static"]
 _static_backend = (
     "whitenoise.storage.CompressedManifestStaticFilesStorage"
-    if env.bool("STATIC_MANIFEST", default=not DEBUG)
+    if _typed("bool", "STATIC_MANIFEST", not DEBUG)
     else "django.contrib.staticfiles.storage.StaticFilesStorage"
 )
 if STORAGE == "s3":
@@ -224,10 +239,12 @@ if STORAGE == "s3":
     AWS_ACCESS_KEY_ID = _secret("AWS_ACCESS_KEY_ID")
     AWS_SECRET_ACCESS_KEY = _secret("AWS_SECRET_ACCESS_KEY")
     AWS_QUERYSTRING_AUTH = True
-    AWS_QUERYSTRING_EXPIRE = env.int("AWS_QUERYSTRING_EXPIRE", default=300)  # signed URL lifetime
+    AWS_QUERYSTRING_EXPIRE = _typed("int", "AWS_QUERYSTRING_EXPIRE", 300)  # signed URL lifetime
     AWS_DEFAULT_ACL = None
     AWS_S3_FILE_OVERWRITE = False
-    AWS_S3_OBJECT_PARAMETERS = {"ServerSideEncryption": env.str("AWS_S3_SSE", default="AES256")}
+    # Server-side encryption at rest; AWS_S3_SSE="" leaves it to the bucket's default.
+    _sse = env.str("AWS_S3_SSE", default="AES256")
+    AWS_S3_OBJECT_PARAMETERS = {"ServerSideEncryption": _sse} if _sse else {}
     _default_storage: dict[str, Any] = {"BACKEND": "storages.backends.s3.S3Storage"}
 else:
     _default_storage = {
@@ -235,17 +252,18 @@ else:
         "OPTIONS": {"location": MEDIA_ROOT, "base_url": MEDIA_URL},
     }
 STORAGES = {"default": _default_storage, "staticfiles": {"BACKEND": _static_backend}}
+WHITENOISE_MANIFEST_STRICT = False  # a missing collectstatic entry degrades, never a 500
 
 # Firmware uploads: every file is streamed to a temporary file on disk, hashed on the way
 # (firmware.uploads.HashingUploadHandler), and refused with 413 past the limit.
-FIRMWARE_MAX_UPLOAD_SIZE = env.int("FIRMWARE_MAX_UPLOAD_SIZE", default=2 * 1024**3)
+FIRMWARE_MAX_UPLOAD_SIZE = _typed("int", "FIRMWARE_MAX_UPLOAD_SIZE", 2 * 1024**3)
 FILE_UPLOAD_HANDLERS = ["firmware.uploads.HashingUploadHandler"]
 FILE_UPLOAD_TEMP_DIR = env.str("FILE_UPLOAD_TEMP_DIR", default=None)
-DATA_UPLOAD_MAX_MEMORY_SIZE = env.int("DATA_UPLOAD_MAX_MEMORY_SIZE", default=1024 * 1024)
+DATA_UPLOAD_MAX_MEMORY_SIZE = _typed("int", "DATA_UPLOAD_MAX_MEMORY_SIZE", 1024 * 1024)
 FIRMWARE_SIGNING_KEY_PATH = Path(
     env.str("FIRMWARE_SIGNING_KEY_PATH", default=str(VAR_DIR / "keys" / "firmware-ed25519.pem"))
 )
-FIRMWARE_CACHE_TIMEOUT = env.int("FIRMWARE_CACHE_TIMEOUT", default=3600)
+FIRMWARE_CACHE_TIMEOUT = _typed("int", "FIRMWARE_CACHE_TIMEOUT", 3600)
 
 # --- Devices --------------------------------------------------------------------------------
 # Device access tokens are HS256 JWTs signed with a key derived from SECRET_KEY unless set.
@@ -253,11 +271,11 @@ DEVICE_JWT_SECRET = (
     _secret("DEVICE_JWT_SECRET")
     or hashlib.sha256(b"ota-device-jwt:" + SECRET_KEY.encode()).hexdigest()
 )
-DEVICE_JWT_LIFETIME = env.int("DEVICE_JWT_LIFETIME", default=900)  # seconds
-DEVICE_LAST_SEEN_INTERVAL = env.int("DEVICE_LAST_SEEN_INTERVAL", default=60)  # write coalescing
-DEVICE_POLL_INTERVAL = env.int("DEVICE_POLL_INTERVAL", default=60)  # suggested to clients
-DEVICE_ONLINE_WINDOW = env.int("DEVICE_ONLINE_WINDOW", default=600)  # "online" if seen within
-DEVICE_METADATA_MAX_BYTES = env.int("DEVICE_METADATA_MAX_BYTES", default=16 * 1024)
+DEVICE_JWT_LIFETIME = _typed("int", "DEVICE_JWT_LIFETIME", 900)  # seconds
+DEVICE_LAST_SEEN_INTERVAL = _typed("int", "DEVICE_LAST_SEEN_INTERVAL", 60)  # write coalescing
+DEVICE_POLL_INTERVAL = _typed("int", "DEVICE_POLL_INTERVAL", 60)  # suggested to clients
+DEVICE_ONLINE_WINDOW = _typed("int", "DEVICE_ONLINE_WINDOW", 600)  # "online" if seen within
+DEVICE_METADATA_MAX_BYTES = _typed("int", "DEVICE_METADATA_MAX_BYTES", 16 * 1024)
 
 # --- REST API -------------------------------------------------------------------------------
 REST_FRAMEWORK = {

@@ -26,9 +26,12 @@ api_v1 = [
         devices.HeartbeatView.as_view(),
         name="device-heartbeat",
     ),
+    path("devices/<uuid:device_id>/retry", devices.RetryView.as_view(), name="device-retry"),
     # The update flow
     path(
-        "devices/<uuid:device_id>/updates", rollouts.UpdateCheckView.as_view(), name="device-updates"
+        "devices/<uuid:device_id>/updates",
+        rollouts.UpdateCheckView.as_view(),
+        name="device-updates",
     ),
     path("devices/<uuid:device_id>/status", rollouts.StatusView.as_view(), name="device-status"),
     path("updates/check", rollouts.UpdateCheckView.as_view(), name="updates-check"),
@@ -39,9 +42,13 @@ api_v1 = [
     # Firmware
     path("firmware", firmware.FirmwareListView.as_view(), name="firmware-list"),
     path("firmware/keys", firmware.SigningKeyListView.as_view(), name="firmware-keys"),
-    path("firmware/<uuid:firmware_id>", firmware.FirmwareDetailView.as_view(), name="firmware-detail"),
     path(
-        "firmware/<uuid:firmware_id>/publish", firmware.PublishView.as_view(), name="firmware-publish"
+        "firmware/<uuid:firmware_id>", firmware.FirmwareDetailView.as_view(), name="firmware-detail"
+    ),
+    path(
+        "firmware/<uuid:firmware_id>/publish",
+        firmware.PublishView.as_view(),
+        name="firmware-publish",
     ),
     path(
         "firmware/<uuid:firmware_id>/download",

@@ -14,7 +14,8 @@ from ota_site.versions import InvalidVersion, Version
 
 hardware_id_validator = RegexValidator(
     r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}\Z",
-    "A hardware id is 1-128 letters, digits, '.', '_', ':' or '-', starting with a letter or digit.",
+    "A hardware id is 1-128 letters, digits, '.', '_', ':' or '-', starting with a letter "
+    "or digit.",
     code="invalid_hardware_id",
 )
 device_type_validator = RegexValidator(
@@ -25,15 +26,14 @@ device_type_validator = RegexValidator(
 _METADATA_KEY = re.compile(r"^[A-Za-z0-9_.:-]{1,64}\Z")
 
 
-def validate_version(value: str) -> str:
+def validate_version(value: str) -> None:
     try:
         Version.parse(value)
     except InvalidVersion as exc:
         raise ValidationError(str(exc), code="invalid_version") from exc
-    return value
 
 
-def validate_metadata(value: Any) -> dict[str, Any]:
+def validate_metadata(value: Any) -> None:
     """A flat-ish JSON object of bounded size with simple keys."""
     if not isinstance(value, dict):
         raise ValidationError("metadata must be a JSON object.", code="invalid_metadata")
@@ -49,4 +49,3 @@ def validate_metadata(value: Any) -> dict[str, Any]:
             f"metadata is {size} bytes; the limit is {settings.DEVICE_METADATA_MAX_BYTES}.",
             code="metadata_too_large",
         )
-    return value

@@ -27,7 +27,7 @@ _VERSION_RE = re.compile(
     (?P<release>\d{1,9}(?:\.\d{1,9}){0,3})
     (?:-(?P<pre>[0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*))?
     (?:\+(?P<build>[0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*))?
-    $""",
+    \Z""",
     re.VERBOSE,
 )
 
@@ -49,9 +49,7 @@ class Version:
             raise InvalidVersion(f"a version is 1 to {MAX_LENGTH} characters")
         match = _VERSION_RE.match(text)
         if match is None:
-            raise InvalidVersion(
-                f"{text!r} is not a version like 1.2.3, 1.2.3-rc.1 or 2024.1.15.7"
-            )
+            raise InvalidVersion(f"{text!r} is not a version like 1.2.3, 1.2.3-rc.1 or 2024.1.15.7")
         release = tuple(int(part) for part in match["release"].split("."))
         release = release + (0,) * (_PARTS - len(release))
         prerelease = tuple(match["pre"].split(".")) if match["pre"] else ()
@@ -74,9 +72,7 @@ class Version:
         return release + "-" + "!".join(parts)
 
     def _cmp_key(self) -> tuple[tuple[int, ...], int, tuple[tuple[int, int, str], ...]]:
-        pre = tuple(
-            (0, int(i), "") if i.isdigit() else (1, 0, i) for i in self.prerelease
-        )
+        pre = tuple((0, int(i), "") if i.isdigit() else (1, 0, i) for i in self.prerelease)
         return (self.release, 0 if self.prerelease else 1, pre)
 
     def __lt__(self, other: object) -> bool:
@@ -101,7 +97,7 @@ def parse_version(text: str) -> Version:
 
 
 def version_key(text: str) -> str:
-    """sort_key of a version, or "" for text that is not a version (e.g. a device that never said)."""
+    """sort_key of a version, or "" for text that is not a version (a device that never said)."""
     try:
         return Version.parse(text).sort_key
     except InvalidVersion:

@@ -1,4 +1,5 @@
-"""Rollouts with ordered stages, and the update sessions that carry one device through one update."""
+"""Rollouts with ordered stages, and the update sessions that carry one device through one
+update."""
 
 from __future__ import annotations
 
@@ -128,7 +129,7 @@ class UpdateSession(models.Model):
     progress = models.PositiveSmallIntegerField(
         default=0, validators=[MinValueValidator(0), MaxValueValidator(100)]
     )
-    error_message = models.TextField(null=True, blank=True)
+    error_message = models.TextField(null=True, blank=True)  # noqa: DJ001 - the spec's nullable
     started_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
     completed_at = models.DateTimeField(null=True, blank=True)

@@ -10,7 +10,7 @@ import logging
 import uuid
 from contextlib import nullcontext
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from django.db import IntegrityError, connection, transaction
@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 
 class SessionNotFound(ServiceError):
-    status_code = 404
+    status_code: int = 404
     code = "session_not_found"
 
 
@@ -83,6 +83,13 @@ def _latest_session_subquery() -> Subquery:
     return Subquery(latest, output_field=JSONField())
 
 
+def _aware(value: datetime | None) -> datetime | None:
+    # SQLite's json_object() renders stored UTC datetimes without an offset.
+    if value is not None and timezone.is_naive(value):
+        return timezone.make_aware(value, UTC)
+    return value
+
+
 def _parse_latest(value: Any) -> _Latest | None:
     if not value:
         return None
@@ -94,7 +101,7 @@ def _parse_latest(value: Any) -> _Latest | None:
         public_id=uuid.UUID(str(value["uuid"])),
         status=str(value["status"]),
         firmware_id=uuid.UUID(str(value["firmware_id"])),
-        started_at=parse_datetime(started) if isinstance(started, str) else None,
+        started_at=_aware(parse_datetime(started)) if isinstance(started, str) else None,
     )
 
 
@@ -105,12 +112,12 @@ def _lower(version: str, than: str) -> bool:
         return False
 
 
-def check_for_update(device_id: Any) -> Offer:
+def check_for_update(device_id: Any, *, generation: int | None = None) -> Offer:
     """What should this device install now? Creates the update session when one is offered.
 
     Budget: one read (device, group and latest session together) plus at most one write, with
-    published firmware from the cache. Rarely (the assignment changed while a session was open)
-    a third query cancels the stale session.
+    published firmware from the cache. Only when the assignment changed under an open session
+    does the poll cost more: a short transaction cancels the stale session before the new one.
     """
     device = (
         Device.objects.select_related("group")
@@ -120,7 +127,12 @@ def check_for_update(device_id: Any) -> Offer:
     )
     if device is None:
         raise SessionNotFound("This device no longer exists.", code="device_not_found")
-    latest = _parse_latest(device.latest_session)  # type: ignore[attr-defined]
+    if generation is not None and generation != device.credential_generation:
+        # Free here (the row is read anyway): a reset device is locked out at its next poll.
+        raise device_services.AuthenticationError(
+            "The device's credentials were reset; enroll again.", code="credentials_reset"
+        )
+    latest = _parse_latest(device.latest_session)
 
     desired_version = device.effective_target_version
     firmware = (
@@ -155,8 +167,10 @@ def check_for_update(device_id: Any) -> Offer:
 
 def _decide(device: Device, firmware: PublishedFirmware | None, latest: _Latest | None) -> Offer:
     if firmware is None:
-        return Offer(firmware=None, reason="no_assignment" if not device.effective_target_version
-                     else "not_published")
+        return Offer(
+            firmware=None,
+            reason="no_assignment" if not device.effective_target_version else "not_published",
+        )
     if device.current_version:
         try:
             if Version.parse(device.current_version) == Version.parse(firmware["version"]):
@@ -204,7 +218,9 @@ def _open_session(device: Device, firmware: PublishedFirmware, is_rollback: bool
             )
     except IntegrityError:
         # Another poll of the same device opened one a moment ago (one open session per device).
-        existing = UpdateSession.objects.filter(device_id=device.id, status__in=OPEN_STATUSES).first()
+        existing = UpdateSession.objects.filter(
+            device_id=device.id, status__in=OPEN_STATUSES
+        ).first()
         if existing is None or str(existing.firmware_id) != firmware["id"]:
             return Offer(firmware=None, reason="busy")
         session = existing
@@ -317,12 +333,14 @@ def cancel_session(session_id: int, *, reason: str, actor: Any = None) -> bool:
         session.status = SessionStatus.CANCELLED
         session.error_message = reason
         session.completed_at = now
-        session.duration = int((now - session.started_at).total_seconds())
-        session.save(update_fields=["status", "error_message", "completed_at", "duration",
-                                    "updated_at"])
+        session.duration = max(int((now - session.started_at).total_seconds()), 0)
+        session.save(
+            update_fields=["status", "error_message", "completed_at", "duration", "updated_at"]
+        )
         device_services.set_status(session.device_id, DeviceStatus.IDLE)
-        _session_event(session, EventKind.SESSION_CANCELLED, actor=actor_of(actor),
-                       extra={"reason": reason})
+        _session_event(
+            session, EventKind.SESSION_CANCELLED, actor=actor_of(actor), extra={"reason": reason}
+        )
     return True
 
 
@@ -350,8 +368,14 @@ def _finish(
     else:
         session.error_message = (error_message or "The device reported a failure.")[:4000]
     session.save(
-        update_fields=["status", "progress", "error_message", "completed_at", "duration",
-                       "updated_at"]
+        update_fields=[
+            "status",
+            "progress",
+            "error_message",
+            "completed_at",
+            "duration",
+            "updated_at",
+        ]
     )
     device = Device.objects.select_for_update().get(pk=session.device_id)
     fields = ["status", "updated_at"]
@@ -373,7 +397,10 @@ def _finish(
 
 
 def _session_event(
-    session: UpdateSession, kind: EventKind, *, actor: str | None = None,
+    session: UpdateSession,
+    kind: EventKind,
+    *,
+    actor: str | None = None,
     extra: dict[str, Any] | None = None,
 ) -> None:
     record_event(
@@ -385,4 +412,3 @@ def _session_event(
         session_id=session.id,
         data={"status": session.status, "progress": session.progress, **(extra or {})},
     )
-

@@ -28,6 +28,7 @@ def _isolated(settings: Any, tmp_path: Any) -> None:
             "BACKEND": "django.core.files.storage.FileSystemStorage",
             "OPTIONS": {"location": str(tmp_path / "media")},
         },
+        "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
     }
     settings.FIRMWARE_SIGNING_KEY_PATH = tmp_path / "keys" / "signing.pem"
     caches = {name: dict(config) for name, config in settings.CACHES.items()}
@@ -102,4 +103,11 @@ def device_b(db: Any) -> DeviceActor:
 @pytest.fixture
 def published(db: Any) -> Firmware:
     """Firmware 1.1.0 for board-a, published and signed."""
-    return firmware_services.publish_firmware(FirmwareFactory(version="1.1.0"))
+    return firmware_services.publish_firmware(FirmwareFactory.create(version="1.1.0"))
+
+
+def content_of(response: Any) -> bytes:
+    """The body of a (possibly streaming) test-client response."""
+    if getattr(response, "streaming", False):
+        return b"".join(response.streaming_content)
+    return bytes(response.content)

@@ -16,14 +16,14 @@ from ota_site.versions import version_key
 from rollouts.models import UpdateSession
 
 
-class DeviceGroupFactory(factory.django.DjangoModelFactory):
+class DeviceGroupFactory(factory.django.DjangoModelFactory[DeviceGroup]):
     class Meta:
         model = DeviceGroup
 
     name = factory.Sequence(lambda n: f"group-{n}")
 
 
-class DeviceFactory(factory.django.DjangoModelFactory):
+class DeviceFactory(factory.django.DjangoModelFactory[Device]):
     class Meta:
         model = Device
 
@@ -40,7 +40,7 @@ def firmware_bytes(version: str, size: int = 64 * 1024) -> bytes:
     return (seed * (size // len(seed) + 1))[:size]
 
 
-class FirmwareFactory(factory.django.DjangoModelFactory):
+class FirmwareFactory(factory.django.DjangoModelFactory[Firmware]):
     """A draft firmware with real stored bytes; pass ``content=`` to choose them."""
 
     class Meta:
@@ -56,21 +56,24 @@ class FirmwareFactory(factory.django.DjangoModelFactory):
 
     @classmethod
     def _create(cls, model_class: type[Firmware], *args: Any, **kwargs: Any) -> Firmware:
-        content = kwargs.pop("content", None) or firmware_bytes(kwargs["version"])
+        content: bytes = kwargs.pop("content", None) or firmware_bytes(kwargs["version"])
         kwargs.update(
             file_size=len(content),
             checksum=hashlib.sha256(content).hexdigest(),
             sha1=hashlib.sha1(content).hexdigest(),
             md5=hashlib.md5(content).hexdigest(),
         )
-        firmware = model_class(*args, **kwargs)
-        firmware.file.save(f"firmware/{firmware.device_type}/{firmware.id}/image.bin",
-                           ContentFile(content), save=False)
+        firmware = model_class(**kwargs)
+        firmware.file.save(
+            f"firmware/{firmware.device_type}/{firmware.id}/image.bin",
+            ContentFile(content),
+            save=False,
+        )
         firmware.save()
         return firmware
 
 
-class UpdateSessionFactory(factory.django.DjangoModelFactory):
+class UpdateSessionFactory(factory.django.DjangoModelFactory[UpdateSession]):
     class Meta:
         model = UpdateSession
 

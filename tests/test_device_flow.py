@@ -15,6 +15,7 @@ from devices.models import Device, DeviceStatus
 from firmware.models import Firmware
 from ota_site.models import Event
 from rollouts.models import SessionStatus, UpdateSession
+from tests.conftest import content_of
 from tests.factories import firmware_bytes
 
 
@@ -43,7 +44,9 @@ def test_register_token_heartbeat_check_download_report_validate(
     )
 
     # Token: the secret buys a short-lived bearer token.
-    reply = api.post("/api/v1/devices/token", {"device_id": device_id, "secret": secret}, format="json")
+    reply = api.post(
+        "/api/v1/devices/token", {"device_id": device_id, "secret": secret}, format="json"
+    )
     assert reply.status_code == 200
     assert reply.json()["token_type"] == "Bearer" and 0 < reply.json()["expires_in"] <= 900
     dev = APIClient()
@@ -89,7 +92,7 @@ def test_register_token_heartbeat_check_download_report_validate(
     etag = head["ETag"]
     first = dev.get(url, HTTP_RANGE="bytes=0-9999")
     assert first.status_code == 206
-    part1 = b"".join(first.streaming_content)
+    part1 = content_of(first)
     assert len(part1) == 10_000
     dev.post(
         "/api/v1/status",
@@ -99,7 +102,7 @@ def test_register_token_heartbeat_check_download_report_validate(
     rest = dev.get(url, HTTP_RANGE="bytes=10000-", HTTP_IF_RANGE=etag)
     assert rest.status_code == 206
     assert rest["Content-Range"] == f"bytes 10000-{published.file_size - 1}/{published.file_size}"
-    image = part1 + b"".join(rest.streaming_content)
+    image = part1 + content_of(rest)
     assert image == firmware_bytes("1.1.0")
     assert hashlib.sha256(image).hexdigest() == offer["sha256"]
 

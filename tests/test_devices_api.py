@@ -15,11 +15,13 @@ from tests.factories import DeviceFactory, DeviceGroupFactory
 
 
 def test_list_filters_sorts_and_paginates(operator_api: APIClient, db) -> None:
-    lab = DeviceGroupFactory(name="lab")
+    lab = DeviceGroupFactory.create(name="lab")
     now = timezone.now()
-    DeviceFactory(hardware_id="a-1", current_version="1.9.0", group=lab)
-    DeviceFactory(hardware_id="a-2", current_version="1.10.0", last_seen=now - timedelta(days=2))
-    DeviceFactory(hardware_id="b-1", device_type="board-b", status="failed")
+    DeviceFactory.create(hardware_id="a-1", current_version="1.9.0", group=lab)
+    DeviceFactory.create(
+        hardware_id="a-2", current_version="1.10.0", last_seen=now - timedelta(days=2)
+    )
+    DeviceFactory.create(hardware_id="b-1", device_type="board-b", status="failed")
 
     def ids(query: str) -> list[str]:
         reply = operator_api.get(f"/api/v1/devices?{query}")
@@ -41,11 +43,17 @@ def test_list_filters_sorts_and_paginates(operator_api: APIClient, db) -> None:
 
 
 @pytest.mark.parametrize(
-    "query", ["status=bogus", "group=not-a-uuid", "last_seen_after=yesterday", "page=0",
-              "page_size=abc&page=9"]
+    "query",
+    [
+        "status=bogus",
+        "group=not-a-uuid",
+        "last_seen_after=yesterday",
+        "page=0",
+        "page_size=abc&page=9",
+    ],
 )
 def test_bad_filters_are_4xx(operator_api: APIClient, db, query: str) -> None:
-    DeviceFactory()
+    DeviceFactory.create()
     reply = operator_api.get(f"/api/v1/devices?{query}")
     assert reply.status_code in (400, 404), reply.content
     assert "code" in reply.json()
@@ -54,7 +62,7 @@ def test_bad_filters_are_4xx(operator_api: APIClient, db, query: str) -> None:
 def test_put_changes_group_target_and_metadata_through_the_service(
     operator_api: APIClient, device_a: DeviceActor
 ) -> None:
-    group = DeviceGroupFactory()
+    group = DeviceGroupFactory.create()
     reply = operator_api.put(
         f"/api/v1/devices/{device_a.id}",
         {"group": str(group.id), "target_version": "2.0.0", "metadata": {"site": "berlin"}},
@@ -132,13 +140,26 @@ def test_groups_crud(operator_api: APIClient, device_a: DeviceActor) -> None:
         409,
     )
     assert (
-        operator_api.post("/api/v1/groups", {"name": "x", "target_version": "?"}, format="json")
-        .status_code == 400
+        operator_api.post(
+            "/api/v1/groups", {"name": "x", "target_version": "?"}, format="json"
+        ).status_code
+        == 400
     )
-    reply = operator_api.patch(f"/api/v1/groups/{group_id}", {"target_version": None},
-                               format="json")
+    reply = operator_api.patch(
+        f"/api/v1/groups/{group_id}", {"target_version": None}, format="json"
+    )
     assert reply.status_code == 200 and reply.json()["target_version"] is None
     operator_api.patch(f"/api/v1/devices/{device_a.id}", {"group": group_id}, format="json")
     assert operator_api.get(f"/api/v1/groups/{group_id}").json()["device_count"] == 1
     assert operator_api.delete(f"/api/v1/groups/{group_id}").status_code == 204
     assert device_a.refresh().group is None and not DeviceGroup.objects.exists()
+
+
+def test_a_group_with_enrollment_tokens_cannot_be_deleted(operator_api: APIClient, db) -> None:
+    from devices import services
+
+    group = DeviceGroupFactory.create(name="field")
+    services.create_enrollment_token(name="field devices", group=group)
+    reply = operator_api.delete(f"/api/v1/groups/{group.id}")
+    assert reply.status_code == 409 and reply.json()["code"] == "group_in_use"
+    assert DeviceGroup.objects.filter(pk=group.pk).exists()

@@ -1,10 +1,11 @@
-"""Firmware API: upload, duplicates, limits, publish and signature, list/detail, delete, download."""
+"""Firmware API: upload, duplicates, limits, publish and signature, list, delete, download."""
 
 from __future__ import annotations
 
 import base64
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -14,7 +15,7 @@ from rest_framework.test import APIClient
 from firmware.models import Firmware
 from ota_site.models import Event
 from rollouts.models import UpdateSession
-from tests.conftest import DeviceActor, enroll
+from tests.conftest import DeviceActor, content_of, enroll
 from tests.factories import FirmwareFactory, firmware_bytes
 
 
@@ -77,7 +78,7 @@ def test_duplicate_version_is_409_and_equal_versions_count_as_duplicates(
 def test_bad_upload_fields_are_400_and_store_nothing(
     operator_api: APIClient, fields: dict[str, str], field: str
 ) -> None:
-    reply = upload(operator_api, **fields)
+    reply = upload(operator_api, b"x" * 5000, **fields)
     assert reply.status_code == 400, reply.content
     assert reply.json()["code"] == "invalid" and field in reply.json()["errors"]
     assert not Firmware.objects.exists()
@@ -117,7 +118,7 @@ def test_declared_length_over_the_limit_is_refused_before_reading(
     reply = operator_api.generic(
         "POST",
         "/api/v1/firmware",
-        b"",
+        "",
         content_type="multipart/form-data; boundary=xyz",
         CONTENT_LENGTH=str(50 * 1024 * 1024),
     )
@@ -135,7 +136,7 @@ def test_people_who_are_not_operators_and_devices_cannot_upload(
 
 
 def test_publish_signs_the_canonical_manifest(operator_api: APIClient) -> None:
-    firmware = FirmwareFactory(version="1.2.0", metadata={"min_version": "1.0.0"})
+    firmware = FirmwareFactory.create(version="1.2.0", metadata={"min_version": "1.0.0"})
     reply = operator_api.post(f"/api/v1/firmware/{firmware.id}/publish")
     assert reply.status_code == 200, reply.content
     body = reply.json()
@@ -161,7 +162,7 @@ def test_publish_signs_the_canonical_manifest(operator_api: APIClient) -> None:
 
 
 def test_publish_refuses_a_stored_file_that_does_not_match(operator_api: APIClient) -> None:
-    firmware = FirmwareFactory(version="1.2.0")
+    firmware = FirmwareFactory.create(version="1.2.0")
     with open(firmware.file.path, "r+b") as handle:
         handle.write(b"tampered")
     reply = operator_api.post(f"/api/v1/firmware/{firmware.id}/publish")
@@ -172,7 +173,7 @@ def test_publish_refuses_a_stored_file_that_does_not_match(operator_api: APIClie
 
 def test_signing_key_is_created_once_outside_the_repo(operator_api: APIClient, settings) -> None:
     for version in ("1.0.0", "1.1.0"):
-        firmware = FirmwareFactory(version=version)
+        firmware = FirmwareFactory.create(version=version)
         operator_api.post(f"/api/v1/firmware/{firmware.id}/publish")
     assert settings.FIRMWARE_SIGNING_KEY_PATH.is_file()
     assert settings.FIRMWARE_SIGNING_KEY_PATH.stat().st_mode & 0o777 == 0o600
@@ -180,9 +181,9 @@ def test_signing_key_is_created_once_outside_the_repo(operator_api: APIClient, s
 
 
 def test_list_filter_and_detail(operator_api: APIClient) -> None:
-    FirmwareFactory(version="1.9.0")
-    FirmwareFactory(version="1.10.0")
-    FirmwareFactory(version="1.0.0", device_type="board-b")
+    FirmwareFactory.create(version="1.9.0")
+    FirmwareFactory.create(version="1.10.0")
+    FirmwareFactory.create(version="1.0.0", device_type="board-b")
     reply = operator_api.get("/api/v1/firmware?device_type=board-a")
     versions = [f["version"] for f in reply.json()["results"]]
     assert versions == ["1.10.0", "1.9.0"]  # version order, not text order
@@ -204,14 +205,15 @@ def test_delete_is_refused_while_a_session_refers_to_it(
         pass  # the file is still there
 
 
-def test_delete_removes_row_and_file(operator_api: APIClient, tmp_path) -> None:
-    firmware = FirmwareFactory(version="1.2.0")
-    path = firmware.file.path
-    assert operator_api.delete(f"/api/v1/firmware/{firmware.id}").status_code == 204
+def test_delete_removes_row_and_file_after_commit(
+    operator_api: APIClient, django_capture_on_commit_callbacks
+) -> None:
+    firmware = FirmwareFactory.create(version="1.2.0")
+    path = Path(firmware.file.path)
+    with django_capture_on_commit_callbacks(execute=True):
+        assert operator_api.delete(f"/api/v1/firmware/{firmware.id}").status_code == 204
     assert not Firmware.objects.filter(pk=firmware.pk).exists()
-    import os
-
-    assert not os.path.exists(path)
+    assert not path.exists()
 
 
 class TestDownload:
@@ -221,22 +223,26 @@ class TestDownload:
     def test_full_download_with_etag(self, device_a: DeviceActor, published: Firmware) -> None:
         reply = device_a.client.get(self.url(published))
         assert reply.status_code == 200
-        assert b"".join(reply.streaming_content) == firmware_bytes("1.1.0")
+        assert content_of(reply) == firmware_bytes("1.1.0")
         assert reply["ETag"] == f'"{published.checksum}"'
         again = device_a.client.get(self.url(published), HTTP_IF_NONE_MATCH=reply["ETag"])
         assert again.status_code == 304
 
     @pytest.mark.parametrize(
         ("header", "first", "last"),
-        [("bytes=0-0", 0, 0), ("bytes=100-", 100, None), ("bytes=-10", None, None),
-         ("bytes=5-999999999", 5, None)],
+        [
+            ("bytes=0-0", 0, 0),
+            ("bytes=100-", 100, None),
+            ("bytes=-10", None, None),
+            ("bytes=5-999999999", 5, None),
+        ],
     )
     def test_ranges(self, device_a: DeviceActor, published: Firmware, header, first, last) -> None:
         size = published.file_size
         content = firmware_bytes("1.1.0")
         reply = device_a.client.get(self.url(published), HTTP_RANGE=header)
         assert reply.status_code == 206
-        body = b"".join(reply.streaming_content)
+        body = content_of(reply)
         if first is None:
             first = size - 10
         last = size - 1 if last is None else last
@@ -254,14 +260,14 @@ class TestDownload:
     def test_ignored_range_gives_the_whole_file(self, device_a, published, header) -> None:
         reply = device_a.client.get(self.url(published), HTTP_RANGE=header)
         assert reply.status_code == 200
-        assert len(b"".join(reply.streaming_content)) == published.file_size
+        assert len(content_of(reply)) == published.file_size
 
     def test_if_range_with_another_etag_gives_the_whole_file(self, device_a, published) -> None:
         reply = device_a.client.get(
             self.url(published), HTTP_RANGE="bytes=10-", HTTP_IF_RANGE='"stale"'
         )
         assert reply.status_code == 200
-        assert len(b"".join(reply.streaming_content)) == published.file_size
+        assert len(content_of(reply)) == published.file_size
 
     def test_head_has_headers_and_no_body(self, device_a, published) -> None:
         reply = device_a.client.head(self.url(published), HTTP_RANGE="bytes=0-99")
@@ -271,8 +277,8 @@ class TestDownload:
     def test_devices_get_only_published_firmware_of_their_type(
         self, device_a: DeviceActor, published: Firmware
     ) -> None:
-        draft = FirmwareFactory(version="9.0.0")
-        other = FirmwareFactory(version="1.0.0", device_type="board-b")
+        draft = FirmwareFactory.create(version="9.0.0")
+        other = FirmwareFactory.create(version="1.0.0", device_type="board-b")
         assert device_a.client.get(self.url(draft)).status_code == 404
         assert device_a.client.get(self.url(other)).status_code == 404
         board_b = enroll("device-c", device_type="board-b")
@@ -284,5 +290,5 @@ class TestDownload:
         assert reply["WWW-Authenticate"].startswith("Bearer")
 
     def test_operators_can_download_drafts(self, operator_api, published) -> None:
-        draft = FirmwareFactory(version="9.0.0")
+        draft = FirmwareFactory.create(version="9.0.0")
         assert operator_api.get(self.url(draft)).status_code == 200

@@ -22,7 +22,7 @@ def register(api: APIClient, token: str, **fields: Any):
 
 
 def test_the_token_scope_sets_the_group(api: APIClient, db: Any) -> None:
-    group = DeviceGroupFactory(name="field")
+    group = DeviceGroupFactory.create(name="field")
     _, token = services.create_enrollment_token(name="t", group=group)
     assert register(api, token).status_code == 201
     assert Device.objects.get(hardware_id="SN-1").group == group

@@ -151,14 +151,14 @@ def test_unknown_session_is_404(device_a: DeviceActor) -> None:
 
 def test_malformed_json_is_400_and_wrong_content_type_415(device_a: DeviceActor) -> None:
     reply = device_a.client.generic(
-        "POST", "/api/v1/status", b'{"session_id": ', content_type="application/json"
+        "POST", "/api/v1/status", '{"session_id": ', content_type="application/json"
     )
     assert reply.status_code == 400 and reply.json()["code"] == "parse_error"
     reply = device_a.client.generic(
-        "POST", "/api/v1/status", b"status=failed", content_type="text/plain"
+        "POST", "/api/v1/status", "status=failed", content_type="text/plain"
     )
     assert reply.status_code == 415 and reply.json()["code"] == "unsupported_media_type"
     reply = device_a.client.generic(
-        "POST", "/api/v1/status", b"[1, 2]", content_type="application/json"
+        "POST", "/api/v1/status", "[1, 2]", content_type="application/json"
     )
     assert reply.status_code == 400

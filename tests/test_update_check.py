@@ -28,7 +28,7 @@ def assign(actor: DeviceActor, version: str | None) -> None:
 
 
 def test_a_group_assignment_reaches_members(device_a: DeviceActor, published: Firmware) -> None:
-    group = DeviceGroupFactory(name="lab")
+    group = DeviceGroupFactory.create(name="lab")
     device_services.update_device(device_a.refresh(), group=group)
     device_services.update_group(group, target_version="1.1.0")
     offer = check(device_a)
@@ -36,14 +36,16 @@ def test_a_group_assignment_reaches_members(device_a: DeviceActor, published: Fi
 
 
 def test_the_device_target_wins_over_the_group_target(device_a: DeviceActor, published) -> None:
-    firmware_services.publish_firmware(FirmwareFactory(version="1.2.0"))
-    group = DeviceGroupFactory(name="lab", target_version="1.2.0", target_set_at=timezone.now())
+    firmware_services.publish_firmware(FirmwareFactory.create(version="1.2.0"))
+    group = DeviceGroupFactory.create(
+        name="lab", target_version="1.2.0", target_set_at=timezone.now()
+    )
     device_services.update_device(device_a.refresh(), group=group, target_version="1.1.0")
     assert check(device_a)["version"] == "1.1.0"
 
 
 def test_unpublished_firmware_is_not_offered_until_published(device_a: DeviceActor) -> None:
-    draft = FirmwareFactory(version="1.3.0")
+    draft = FirmwareFactory.create(version="1.3.0")
     assign(device_a, "1.3.0")
     assert check(device_a)["reason"] == "not_published"
     firmware_services.publish_firmware(draft)  # clears the cached "not published"
@@ -51,7 +53,9 @@ def test_unpublished_firmware_is_not_offered_until_published(device_a: DeviceAct
 
 
 def test_firmware_of_another_device_type_is_never_offered(device_a: DeviceActor) -> None:
-    firmware_services.publish_firmware(FirmwareFactory(version="1.4.0", device_type="board-b"))
+    firmware_services.publish_firmware(
+        FirmwareFactory.create(version="1.4.0", device_type="board-b")
+    )
     assign(device_a, "1.4.0")
     assert check(device_a)["update_available"] is False
 
@@ -65,14 +69,14 @@ def test_up_to_date_devices_get_nothing(device_a: DeviceActor, published) -> Non
 
 def test_min_version_is_a_prerequisite(device_a: DeviceActor) -> None:
     firmware_services.publish_firmware(
-        FirmwareFactory(version="3.0.0", metadata={"min_version": "2.0.0"})
+        FirmwareFactory.create(version="3.0.0", metadata={"min_version": "2.0.0"})
     )
     assign(device_a, "3.0.0")  # device_a runs 1.0.0
     assert check(device_a)["reason"] == "below_min_version"
 
 
 def test_a_lower_assigned_version_is_offered_as_a_permitted_rollback(device_a) -> None:
-    firmware_services.publish_firmware(FirmwareFactory(version="0.9.0"))
+    firmware_services.publish_firmware(FirmwareFactory.create(version="0.9.0"))
     assign(device_a, "0.9.0")
     offer = check(device_a)
     assert offer["update_available"] and offer["is_rollback"] is True
@@ -89,17 +93,21 @@ def test_a_failed_update_is_not_offered_again_until_reassigned(
         {"session_id": session, "status": "failed", "error_message": "disk full"},
         format="json",
     )
-    assert check(device_a) == {**check(device_a), "update_available": False,
-                                "reason": "already_failed"}
-    UpdateSession.objects.update(started_at=timezone.now() - timedelta(seconds=5))
-    assign(device_a, "1.1.0")  # the operator retries
+    assert check(device_a) == {
+        **check(device_a),
+        "update_available": False,
+        "reason": "already_failed",
+    }
+    assign(device_a, "1.1.0")  # repeating the same assignment (a PUT of the record) is no retry
+    assert check(device_a)["reason"] == "already_failed"
+    device_services.retry_update(device_a.refresh())  # the operator retries on purpose
     offer = check(device_a)
     assert offer["update_available"] and offer["session_id"] != session
     assert UpdateSession.objects.count() == 2
 
 
 def test_changing_the_assignment_cancels_the_open_session(device_a, published) -> None:
-    firmware_services.publish_firmware(FirmwareFactory(version="1.2.0"))
+    firmware_services.publish_firmware(FirmwareFactory.create(version="1.2.0"))
     assign(device_a, "1.1.0")
     first = check(device_a)["session_id"]
     assign(device_a, "1.2.0")
@@ -122,7 +130,7 @@ def test_the_poll_coalesces_last_seen_writes(device_a: DeviceActor, settings) ->
     Device.objects.filter(pk=device_a.id).update(last_seen=old)
     check(device_a)
     seen = Device.objects.get(pk=device_a.id).last_seen
-    assert seen > old
+    assert seen is not None and seen > old
     check(device_a)
     assert Device.objects.get(pk=device_a.id).last_seen == seen  # not written again
 
@@ -193,8 +201,15 @@ def test_an_expired_token_is_401_token_expired(device_a: DeviceActor, settings) 
 
     import jwt
 
-    claims = {"iss": "ota-server", "aud": "ota-device", "sub": str(device_a.id), "typ": "board-a",
-              "gen": 1, "iat": int(time.time()) - 2000, "exp": int(time.time()) - 1000}
+    claims = {
+        "iss": "ota-server",
+        "aud": "ota-device",
+        "sub": str(device_a.id),
+        "typ": "board-a",
+        "gen": 1,
+        "iat": int(time.time()) - 2000,
+        "exp": int(time.time()) - 1000,
+    }
     token = jwt.encode(claims, settings.DEVICE_JWT_SECRET, algorithm="HS256")
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION=f"Bearer {token}")
@@ -207,10 +222,58 @@ def test_a_token_signed_with_another_key_is_refused(device_a: DeviceActor) -> No
 
     import jwt
 
-    claims = {"iss": "ota-server", "aud": "ota-device", "sub": str(device_a.id),
-              "iat": int(time.time()), "exp": int(time.time()) + 100}
-    for token in (jwt.encode(claims, "a-guessed-key-that-is-long-enough-for-hs256", algorithm="HS256"),
-                  jwt.encode(claims, None, algorithm="none")):
+    claims = {
+        "iss": "ota-server",
+        "aud": "ota-device",
+        "sub": str(device_a.id),
+        "iat": int(time.time()),
+        "exp": int(time.time()) + 100,
+    }
+    for token in (
+        jwt.encode(claims, "a-guessed-key-that-is-long-enough-for-hs256", algorithm="HS256"),
+        jwt.encode(claims, "", algorithm="none"),
+    ):
         client = APIClient()
         client.credentials(HTTP_AUTHORIZATION=f"Bearer {token}")
         assert client.get("/api/v1/updates/check").status_code == 401
+
+
+def test_retry_endpoint(operator_api: APIClient, device_a: DeviceActor, published) -> None:
+    reply = operator_api.post(f"/api/v1/devices/{device_a.id}/retry")
+    assert reply.status_code == 409 and reply.json()["code"] == "no_assignment"
+    group = DeviceGroupFactory.create(name="lab")
+    device_services.update_device(device_a.refresh(), group=group)
+    device_services.update_group(group, target_version="1.1.0")
+    session = check(device_a)["session_id"]
+    device_a.client.post(
+        "/api/v1/status", {"session_id": session, "status": "failed"}, format="json"
+    )
+    assert operator_api.post(f"/api/v1/devices/{device_a.id}/retry").status_code == 200
+    assert device_a.refresh().target_version == "1.1.0"  # pinned to the group's version
+    assert check(device_a)["session_id"] != session
+
+
+def test_a_reset_device_is_locked_out_at_its_next_poll(device_a: DeviceActor) -> None:
+    device_services.reset_credentials(device_a.refresh())
+    reply = device_a.client.get("/api/v1/updates/check")
+    assert reply.status_code == 401 and reply.json()["code"] == "credentials_reset"
+    reply = device_a.client.post(
+        f"/api/v1/devices/{device_a.id}/heartbeat", {"current_version": "1.0.0"}, format="json"
+    )
+    assert reply.status_code == 401
+
+
+def test_finished_sessions_read_back_from_sqlite_compare_as_utc() -> None:
+    from rollouts.services import _parse_latest
+
+    latest = _parse_latest(
+        {
+            "id": 1,
+            "uuid": "0" * 32,
+            "status": "failed",
+            "firmware_id": "1" * 32,
+            "started_at": "2026-11-27 18:00:00.123456",
+        }
+    )
+    assert latest is not None and latest.started_at is not None
+    assert latest.started_at.utcoffset() == timedelta(0)

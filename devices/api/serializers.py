@@ -56,7 +56,9 @@ class HeartbeatReplySerializer(serializers.Serializer):
 
 class DeviceSerializer(serializers.ModelSerializer):
     online = serializers.BooleanField(source="is_online", read_only=True)
-    group = serializers.PrimaryKeyRelatedField(read_only=True)
+    group: serializers.PrimaryKeyRelatedField[DeviceGroup] = serializers.PrimaryKeyRelatedField(
+        read_only=True
+    )
 
     class Meta:
         model = Device
@@ -80,11 +82,14 @@ class DeviceSerializer(serializers.ModelSerializer):
 class DeviceUpdateSerializer(serializers.Serializer):
     """What an operator may change. PUT sends every field; PATCH only the ones it changes."""
 
-    group = serializers.PrimaryKeyRelatedField(
+    group: serializers.PrimaryKeyRelatedField[DeviceGroup] = serializers.PrimaryKeyRelatedField(
         queryset=DeviceGroup.objects.all(), allow_null=True, required=True
     )
     target_version = serializers.CharField(
-        max_length=64, allow_null=True, allow_blank=True, required=True,
+        max_length=64,
+        allow_null=True,
+        allow_blank=True,
+        required=True,
         validators=[validate_version],
     )
     metadata = serializers.JSONField(required=True, validators=[validate_metadata])

@@ -1,4 +1,5 @@
-"""Device API: enrollment, tokens and heartbeat for devices; list/detail/change/delete for operators."""
+"""Device API: enrollment, tokens and heartbeat for devices; list, detail, change, delete for
+operators."""
 
 from __future__ import annotations
 
@@ -29,8 +30,9 @@ from devices.api.serializers import (
     TokenSerializer,
 )
 from devices.models import Device, DeviceGroup
-from ota_site.auth import DeviceJWTAuthentication
+from ota_site.auth import DEVICE_OR_OPERATOR_AUTH, DeviceJWTAuthentication
 from ota_site.permissions import IsDevice, IsDeviceOrOperator, IsOperator, check_own_device
+
 
 def token_reply(device: Device) -> dict[str, Any]:
     token, lifetime = services.issue_token(device)
@@ -81,6 +83,10 @@ class HeartbeatView(APIView):
         serializer = HeartbeatSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         device = get_object_or_404(Device, pk=device_id)
+        if device.credential_generation != request.user.generation:  # type: ignore[union-attr]
+            raise services.AuthenticationError(
+                "The device's credentials were reset; enroll again.", code="credentials_reset"
+            )
         services.record_heartbeat(
             device,
             current_version=serializer.validated_data.get("current_version"),
@@ -100,7 +106,7 @@ class DeviceListView(generics.ListAPIView):
 class DeviceDetailView(generics.RetrieveUpdateDestroyAPIView):
     """GET for the device itself or an operator; PUT, PATCH and DELETE for operators."""
 
-    authentication_classes = [DeviceJWTAuthentication, *generics.GenericAPIView.authentication_classes]
+    authentication_classes = DEVICE_OR_OPERATOR_AUTH
     queryset = Device.objects.all()
     serializer_class = DeviceSerializer
     lookup_url_kwarg = "device_id"
@@ -142,7 +148,21 @@ class DeviceGroupViewSet(viewsets.ModelViewSet):
         )
 
     def perform_update(self, serializer: Any) -> None:
-        services.update_group(serializer.instance, actor=self.request.user, **serializer.validated_data)
+        services.update_group(
+            serializer.instance, actor=self.request.user, **serializer.validated_data
+        )
 
     def perform_destroy(self, instance: DeviceGroup) -> None:
         services.delete_group(instance, actor=self.request.user)
+
+
+class RetryView(APIView):
+    """POST /devices/{id}/retry: offer the assigned version again after a failed attempt."""
+
+    permission_classes = [IsOperator]
+
+    @extend_schema(request=None, responses={200: DeviceSerializer})
+    def post(self, request: Request, device_id: Any) -> Response:
+        device = get_object_or_404(Device.objects.select_related("group"), pk=device_id)
+        services.retry_update(device, actor=request.user)
+        return Response(DeviceSerializer(device).data)

@@ -10,7 +10,6 @@ from rest_framework import serializers
 from firmware.models import Firmware, SigningKey
 from ota_site.validators import device_type_validator, validate_version
 
-
 dependency_validator = RegexValidator(
     r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}(?:\s*(?:==|!=|>=|<=|>|<)\s*v?\d[0-9A-Za-z.+-]{0,63})?\Z",
     "A dependency is a component name with an optional version constraint, like 'bootloader>=2.1'.",

@@ -20,14 +20,17 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from firmware import services
-from firmware.api.serializers import FirmwareSerializer, FirmwareUploadSerializer, SigningKeySerializer
+from firmware.api.serializers import (
+    FirmwareSerializer,
+    FirmwareUploadSerializer,
+    SigningKeySerializer,
+)
 from firmware.downloads import serve_firmware
 from firmware.models import Firmware, SigningKey
-from ota_site.auth import DeviceJWTAuthentication
+from ota_site.auth import DEVICE_OR_OPERATOR_AUTH
 from ota_site.errors import PayloadTooLarge
 from ota_site.permissions import IsDeviceOrOperator, IsOperator, is_device
 
-DEVICE_OR_OPERATOR_AUTH = [DeviceJWTAuthentication, *APIView.authentication_classes]
 # Room for the multipart envelope and the other form fields around the file.
 MULTIPART_OVERHEAD = 1024 * 1024
 
@@ -35,8 +38,9 @@ MULTIPART_OVERHEAD = 1024 * 1024
 class FirmwareFilter(django_filters.FilterSet):
     device_type = django_filters.CharFilter()
     version = django_filters.CharFilter()
-    published = django_filters.BooleanFilter(field_name="published_at", lookup_expr="isnull",
-                                             exclude=True)
+    published = django_filters.BooleanFilter(
+        field_name="published_at", lookup_expr="isnull", exclude=True
+    )
 
     class Meta:
         model = Firmware
@@ -141,8 +145,7 @@ class DownloadView(APIView):
     def get(self, request: Request, firmware_id: Any) -> HttpResponseBase:
         firmware = get_object_or_404(Firmware, pk=firmware_id)
         if is_device(request) and (
-            not firmware.is_published
-            or firmware.device_type != request.user.device_type  # type: ignore[union-attr]
+            not firmware.is_published or firmware.device_type != request.user.device_type  # type: ignore[union-attr]
         ):
             raise NotFound()
         return serve_firmware(request._request, firmware)
@@ -159,4 +162,3 @@ class SigningKeyListView(generics.ListAPIView):
     serializer_class = SigningKeySerializer
     queryset = SigningKey.objects.all()
     pagination_class = None
-

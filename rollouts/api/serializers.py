@@ -45,7 +45,9 @@ class ValidationSerializer(serializers.Serializer):
     session_id = serializers.UUIDField()
     success = serializers.BooleanField()
     version = serializers.CharField(
-        max_length=64, required=False, validators=[validate_version],
+        max_length=64,
+        required=False,
+        validators=[validate_version],
         help_text="The version the device runs after the reboot.",
     )
     error_message = serializers.CharField(max_length=4000, required=False, allow_blank=True)

@@ -33,7 +33,7 @@ class DeviceView(APIView):
 
     def device_id(self, request: Request, device_id: Any = None) -> Any:
         if device_id is None:
-            return request.user.id  # type: ignore[union-attr]
+            return request.user.id
         check_own_device(request, device_id)
         return device_id
 
@@ -43,7 +43,10 @@ class UpdateCheckView(DeviceView):
 
     @extend_schema(responses={200: UpdateCheckSerializer})
     def get(self, request: Request, device_id: Any = None) -> Response:
-        offer = services.check_for_update(self.device_id(request, device_id))
+        offer = services.check_for_update(
+            self.device_id(request, device_id),
+            generation=request.user.generation,  # type: ignore[union-attr]
+        )
         body: dict[str, Any] = {
             "update_available": offer.firmware is not None,
             "reason": offer.reason,
@@ -87,7 +90,9 @@ class StatusView(DeviceView):
             progress=data.get("progress"),
             error_message=data.get("error_message"),
         )
-        return Response({"applied": result.applied, "session": SessionSerializer(result.session).data})
+        return Response(
+            {"applied": result.applied, "session": SessionSerializer(result.session).data}
+        )
 
 
 class ValidationView(DeviceView):
@@ -106,7 +111,9 @@ class ValidationView(DeviceView):
             running_version=data.get("version"),
             error_message=data.get("error_message"),
         )
-        return Response({"applied": result.applied, "session": SessionSerializer(result.session).data})
+        return Response(
+            {"applied": result.applied, "session": SessionSerializer(result.session).data}
+        )
 
 
 class SessionFilter(django_filters.FilterSet):
