@@ -47,3 +47,50 @@ def test_the_schema_describes_every_endpoint_without_warnings(client: Client, db
     assert "Warning" not in capsys.readouterr().err
     assert client.get("/api/schema/").status_code == 200
     assert client.get("/api/docs/").status_code == 200
+
+
+def test_an_oversized_json_body_is_413_before_it_is_read(device_a) -> None:
+    body = '{"session_id": "' + "x" * (2 * 1024 * 1024) + '"}'
+    reply = device_a.client.generic("POST", "/api/v1/status", body, content_type="application/json")
+    assert reply.status_code == 413 and reply.json()["code"] == "payload_too_large"
+
+
+def test_a_malformed_content_length_is_400(device_a) -> None:
+    reply = device_a.client.generic(
+        "POST", "/api/v1/status", "{}", content_type="application/json", CONTENT_LENGTH="ten"
+    )
+    assert reply.status_code == 400
+
+
+def test_s3_mode_redirects_downloads_to_a_short_lived_signed_url(
+    settings, device_a, published
+) -> None:
+    """Presigning is computed locally by botocore: no S3 service is contacted."""
+    from urllib.parse import parse_qs, urlparse
+
+    settings.STORAGE = "s3"
+    settings.STORAGES = {
+        **settings.STORAGES,
+        "default": {
+            "BACKEND": "storages.backends.s3.S3Storage",
+            "OPTIONS": {
+                "bucket_name": "firmware",
+                "endpoint_url": "http://127.0.0.1:9",
+                "access_key": "test-access",
+                "secret_key": "test-secret",
+                "querystring_expire": 300,
+                "region_name": "us-east-1",
+                "signature_version": "s3v4",
+            },
+        },
+    }
+    url = f"/api/v1/firmware/{published.id}/download"
+    reply = device_a.client.get(url)
+    assert reply.status_code == 302
+    location = urlparse(reply["Location"])
+    query = parse_qs(location.query)
+    assert location.path.endswith(published.file.name)
+    assert query["X-Amz-Expires"] == ["300"] and "X-Amz-Signature" in query
+    # HEAD is answered from the database: size and ETag without touching storage.
+    head = device_a.client.head(url)
+    assert head.status_code == 200 and head["Content-Length"] == str(published.file_size)

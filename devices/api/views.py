@@ -139,7 +139,8 @@ class DeviceGroupViewSet(viewsets.ModelViewSet):
     lookup_url_kwarg = "group_id"
 
     def get_queryset(self) -> QuerySet[DeviceGroup]:
-        return DeviceGroup.objects.annotate(device_count=Count("devices"))
+        # Meta.ordering does not apply to aggregate queries; pages need a stable order.
+        return DeviceGroup.objects.annotate(device_count=Count("devices")).order_by("name")
 
     def perform_create(self, serializer: Any) -> None:
         group = services.create_group(actor=self.request.user, **serializer.validated_data)
