@@ -47,4 +47,5 @@ USER ota
 EXPOSE 8000 8001
 
 CMD ["gunicorn", "ota_site.wsgi", "--bind", "0.0.0.0:8000", "--workers", "4", \
-     "--worker-class", "sync", "--worker-tmp-dir", "/dev/shm", "--access-logfile", "-"]
+     "--worker-class", "sync", "--worker-tmp-dir", "/dev/shm", "--access-logfile", "-", \
+     "--no-control-socket"]

@@ -426,7 +426,7 @@ def delete_group(group: DeviceGroup, *, actor: Any = None) -> None:
             group.delete()
     except ProtectedError as exc:
         raise StateConflict(
-            "Enrollment tokens enroll devices into this group; revoke or delete them first.",
+            "Enrollment tokens enroll devices into this group; delete them first.",
             code="group_in_use",
         ) from exc
 

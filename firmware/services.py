@@ -210,7 +210,7 @@ def delete_firmware(firmware: Firmware, *, actor: Any = None) -> None:
         cache.delete(cache_key)
         try:
             storage.delete(name)
-        except OSError:  # the row is gone; a leftover file is harmless and logged
+        except Exception:  # the row is gone; a leftover file is harmless and logged
             logger.warning("could not delete firmware file %s", name, exc_info=True)
 
     # After commit: if an outer transaction rolls the delete back, the row keeps its file.

@@ -34,7 +34,8 @@ def check_configuration(app_configs: Any = None, **kwargs: Any) -> list[checks.C
     elif settings.DEVICE_JWT_LIFETIME > 900:
         errors.append(
             checks.Warning(
-                "DEVICE_JWT_LIFETIME is over 15 minutes: a revoked device keeps access that long.",
+                "DEVICE_JWT_LIFETIME is over 15 minutes: a device whose credentials were reset "
+                "keeps some access that long.",
                 id="ota.W006",
             )
         )

@@ -210,6 +210,7 @@ if CELERY_BROKER_URL == "filesystem://":
     CELERY_BROKER_TRANSPORT_OPTIONS: dict[str, Any] = {
         "data_folder_in": str(_queue_dir),
         "data_folder_out": str(_queue_dir),
+        "control_folder": str(VAR_DIR / "celery" / "control"),
     }
 else:
     CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
@@ -277,6 +278,19 @@ DEVICE_LAST_SEEN_INTERVAL = _typed("int", "DEVICE_LAST_SEEN_INTERVAL", 60)  # wr
 DEVICE_POLL_INTERVAL = _typed("int", "DEVICE_POLL_INTERVAL", 60)  # suggested to clients
 DEVICE_ONLINE_WINDOW = _typed("int", "DEVICE_ONLINE_WINDOW", 600)  # "online" if seen within
 DEVICE_METADATA_MAX_BYTES = _typed("int", "DEVICE_METADATA_MAX_BYTES", 16 * 1024)
+
+# --- Rollouts --------------------------------------------------------------------------------
+ROLLOUT_EVALUATION_INTERVAL = _typed("float", "ROLLOUT_EVALUATION_INTERVAL", 5.0)  # seconds
+ROLLOUT_CACHE_TIMEOUT = _typed("int", "ROLLOUT_CACHE_TIMEOUT", 10)  # live rollouts seen by polls
+CELERY_BEAT_SCHEDULE = {
+    "evaluate-active-rollouts": {
+        "task": "rollouts.tasks.evaluate_active_rollouts",
+        "schedule": ROLLOUT_EVALUATION_INTERVAL,
+        # A late run is useless: the next one is seconds away.
+        "options": {"expires": ROLLOUT_EVALUATION_INTERVAL},
+    },
+}
+CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celery" / "beat-schedule")
 
 # --- REST API -------------------------------------------------------------------------------
 REST_FRAMEWORK = {

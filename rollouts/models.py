@@ -19,32 +19,64 @@ class RolloutStatus(models.TextChoices):
     PAUSED = "paused"
     COMPLETED = "completed"
     CANCELLED = "cancelled"
+    # Stopped by its rollback threshold with auto_rollback on: the devices that installed the new
+    # firmware were offered their previous one. Final, like cancelled: fix the firmware and start
+    # a new rollout.
+    ROLLED_BACK = "rolled_back"
+
+
+# Rollouts that still decide what devices get (the poll and the one-rollout-per-device rule).
+LIVE_ROLLOUT_STATUSES = (RolloutStatus.SCHEDULED, RolloutStatus.ACTIVE, RolloutStatus.PAUSED)
+FINAL_ROLLOUT_STATUSES = (
+    RolloutStatus.COMPLETED,
+    RolloutStatus.CANCELLED,
+    RolloutStatus.ROLLED_BACK,
+)
 
 
 class Rollout(models.Model):
     """One firmware offered to a targeted part of the fleet, stage by stage.
 
-    The engine that starts, advances and rolls back rollouts arrives with the rollout issue; the
-    schema is here from the start so that sessions can name the rollout they belong to.
+    Targeting: the firmware's device type, optionally only members of ``target_groups``, devices
+    whose current version lies in [from_version_min, from_version_max], and devices whose metadata
+    has every key/value of ``metadata_filters``. Stage membership is deterministic: a device is in
+    once ota_bucket(device, rollout) < the current stage's percentage x 100 (rollouts.buckets).
     """
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     name = models.CharField(max_length=200)
     firmware = models.ForeignKey(Firmware, on_delete=models.PROTECT, related_name="rollouts")
+    device_type = models.CharField(max_length=64, help_text="Always the firmware's device type.")
     status = models.CharField(
         max_length=16, choices=RolloutStatus.choices, default=RolloutStatus.SCHEDULED
     )
     target_groups = models.ManyToManyField(DeviceGroup, blank=True, related_name="rollouts")
+    from_version_min = models.CharField(max_length=64, blank=True)
+    from_version_max = models.CharField(max_length=64, blank=True)
+    metadata_filters = models.JSONField(default=dict, blank=True)
     success_threshold = models.FloatField(
         default=0.95, validators=[MinValueValidator(0.0), MaxValueValidator(1.0)]
     )
     rollback_threshold = models.FloatField(
         default=0.05, validators=[MinValueValidator(0.0), MaxValueValidator(1.0)]
     )
+    min_devices = models.PositiveIntegerField(
+        default=5, help_text="Finished devices a stage needs before it is judged."
+    )
+    device_timeout = models.PositiveIntegerField(
+        default=3600, help_text="Seconds a session may stay open before it counts as failed."
+    )
+    auto_rollback = models.BooleanField(default=True)
+    start_at = models.DateTimeField(null=True, blank=True)
+    # Index into the ordered stages; null until the rollout starts.
+    current_stage = models.PositiveSmallIntegerField(null=True, blank=True)
+    stage_started_at = models.DateTimeField(null=True, blank=True)
+    status_reason = models.TextField(blank=True, help_text="Why it last paused or stopped.")
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, editable=False
     )
     created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
     started_at = models.DateTimeField(null=True, blank=True)
     completed_at = models.DateTimeField(null=True, blank=True)
 
@@ -54,6 +86,10 @@ class Rollout(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    @property
+    def is_live(self) -> bool:
+        return self.status in LIVE_ROLLOUT_STATUSES
 
 
 class RolloutStage(models.Model):
@@ -120,6 +156,8 @@ class UpdateSession(models.Model):
     rollout = models.ForeignKey(
         Rollout, null=True, blank=True, on_delete=models.PROTECT, related_name="sessions"
     )
+    # The rollout stage that was current when the device joined: per-stage rates in one GROUP BY.
+    stage = models.PositiveSmallIntegerField(null=True, blank=True)
     from_version = models.CharField(max_length=64, blank=True)
     # An operator-approved move to a lower version; the client refuses downgrades otherwise.
     is_rollback = models.BooleanField(default=False)
