@@ -204,17 +204,22 @@ def delete_firmware(firmware: Firmware, *, actor: Any = None) -> None:
             code="firmware_in_use",
         ) from exc
     storage = firmware.file.storage
-    cache_key = _published_key(firmware.device_type, firmware.version_key)
+    cache_keys = (
+        _published_key(firmware.device_type, firmware.version_key),
+        _by_id_key(firmware.id),
+    )
 
     def remove_file_and_cache() -> None:
-        cache.delete(cache_key)
+        for cache_key in cache_keys:
+            cache.delete(cache_key)
         try:
             storage.delete(name)
         except Exception:  # the row is gone; a leftover file is harmless and logged
             logger.warning("could not delete firmware file %s", name, exc_info=True)
 
     # After commit: if an outer transaction rolls the delete back, the row keeps its file.
-    cache.delete(cache_key)
+    for cache_key in cache_keys:
+        cache.delete(cache_key)
     transaction.on_commit(remove_file_and_cache)
 
 
@@ -266,7 +271,32 @@ def published_firmware(device_type: str, version: str) -> PublishedFirmware | No
         return None
     info = as_published(firmware)
     cache.set(key, info, settings.FIRMWARE_CACHE_TIMEOUT)
+    # The poll looks the same firmware up by id while a session is open: fill both entries.
+    cache.set(_by_id_key(firmware.id), info, settings.FIRMWARE_CACHE_TIMEOUT)
     return info
+
+
+def _by_id_key(firmware_id: Any) -> str:
+    return f"fw:id:{firmware_id}"
+
+
+def published_firmware_by_id(firmware_id: Any) -> PublishedFirmware | None:
+    """A published firmware by id, cached like published_firmware (it never changes)."""
+    key = _by_id_key(firmware_id)
+    cached = cache.get(key)
+    if cached is not cache.MISSING and cached != _NONE:
+        return cached
+    firmware = Firmware.objects.filter(pk=firmware_id, published_at__isnull=False).first()
+    if firmware is None:
+        return None
+    info = as_published(firmware)
+    cache.set(key, info, settings.FIRMWARE_CACHE_TIMEOUT)
+    return info
+
+
+def remember_published(info: PublishedFirmware) -> None:
+    """Warm the by-id entry for firmware another cache already described (live rollouts)."""
+    cache.set(_by_id_key(info["id"]), info, settings.FIRMWARE_CACHE_TIMEOUT)
 
 
 def as_published(firmware: Firmware) -> PublishedFirmware:

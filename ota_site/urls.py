@@ -10,6 +10,7 @@ from rest_framework.routers import SimpleRouter
 from devices.api import views as devices
 from firmware.api import views as firmware
 from metrics import views as metrics
+from rollouts.api import rollout_views
 from rollouts.api import views as rollouts
 
 router = SimpleRouter(trailing_slash=False)
@@ -39,6 +40,39 @@ api_v1 = [
     path("validation", rollouts.ValidationView.as_view(), name="validation"),
     path("sessions", rollouts.SessionListView.as_view(), name="session-list"),
     path("sessions/<uuid:session_id>", rollouts.SessionDetailView.as_view(), name="session-detail"),
+    # Rollouts
+    path("rollouts", rollout_views.RolloutListView.as_view(), name="rollout-list"),
+    path(
+        "rollouts/<uuid:rollout_id>",
+        rollout_views.RolloutDetailView.as_view(),
+        name="rollout-detail",
+    ),
+    path(
+        "rollouts/<uuid:rollout_id>/start", rollout_views.StartView.as_view(), name="rollout-start"
+    ),
+    path(
+        "rollouts/<uuid:rollout_id>/pause", rollout_views.PauseView.as_view(), name="rollout-pause"
+    ),
+    path(
+        "rollouts/<uuid:rollout_id>/resume",
+        rollout_views.ResumeView.as_view(),
+        name="rollout-resume",
+    ),
+    path(
+        "rollouts/<uuid:rollout_id>/cancel",
+        rollout_views.CancelView.as_view(),
+        name="rollout-cancel",
+    ),
+    path(
+        "rollouts/<uuid:rollout_id>/advance",
+        rollout_views.AdvanceView.as_view(),
+        name="rollout-advance",
+    ),
+    path(
+        "rollouts/<uuid:rollout_id>/metrics",
+        rollout_views.RolloutMetricsView.as_view(),
+        name="rollout-metrics",
+    ),
     # Firmware
     path("firmware", firmware.FirmwareListView.as_view(), name="firmware-list"),
     path("firmware/keys", firmware.SigningKeyListView.as_view(), name="firmware-keys"),

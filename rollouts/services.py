@@ -1,35 +1,26 @@
-"""The device update flow: what a device should run, and every change of an update session.
+"""Every change of an update session: device reports, validation, cancellation.
 
-Called by the device API, the operator API, the admin and (later) the rollout engine alike.
+Called by the device API, the operator API, the admin and the rollout engine alike. What a device
+should install is decided by rollouts.poll; rollout transitions live in rollouts.lifecycle.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import uuid
-from contextlib import nullcontext
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
-from django.db import IntegrityError, connection, transaction
-from django.db.models import JSONField, OuterRef, Subquery
-from django.db.models.functions import JSONObject
+from django.db import transaction
 from django.utils import timezone
-from django.utils.dateparse import parse_datetime
 
 from devices import services as device_services
 from devices.models import Device, DeviceStatus
-from firmware import services as firmware_services
-from firmware.services import PublishedFirmware
 from ota_site.errors import ServiceError
 from ota_site.events import actor_of, record_event
 from ota_site.models import EventKind
 from ota_site.versions import InvalidVersion, Version
 from rollouts.models import (
     FINISHED_STATUSES,
-    OPEN_STATUSES,
     STATUS_RANK,
     SessionStatus,
     UpdateSession,
@@ -41,197 +32,6 @@ logger = logging.getLogger(__name__)
 class SessionNotFound(ServiceError):
     status_code: int = 404
     code = "session_not_found"
-
-
-@dataclass(frozen=True)
-class Offer:
-    """The answer to a device's update check."""
-
-    firmware: PublishedFirmware | None
-    session_id: int | None = None
-    session_uuid: uuid.UUID | None = None
-    session_status: str | None = None
-    is_rollback: bool = False
-    reason: str = "up_to_date"
-
-
-@dataclass(frozen=True)
-class _Latest:
-    id: int
-    public_id: uuid.UUID
-    status: str
-    firmware_id: uuid.UUID
-    started_at: datetime | None
-
-
-def _latest_session_subquery() -> Subquery:
-    # One correlated subquery that returns the device's newest session as a JSON object, so the
-    # poll reads the device, its group and its latest session in a single query.
-    latest = (
-        UpdateSession.objects.filter(device=OuterRef("pk"))
-        .order_by("-started_at", "-id")
-        .values(
-            data=JSONObject(
-                id="id",
-                uuid="uuid",
-                status="status",
-                firmware_id="firmware_id",
-                started_at="started_at",
-            )
-        )[:1]
-    )
-    return Subquery(latest, output_field=JSONField())
-
-
-def _aware(value: datetime | None) -> datetime | None:
-    # SQLite's json_object() renders stored UTC datetimes without an offset.
-    if value is not None and timezone.is_naive(value):
-        return timezone.make_aware(value, UTC)
-    return value
-
-
-def _parse_latest(value: Any) -> _Latest | None:
-    if not value:
-        return None
-    if isinstance(value, str):  # some backends hand JSON back as text
-        value = json.loads(value)
-    started = value.get("started_at")
-    return _Latest(
-        id=int(value["id"]),
-        public_id=uuid.UUID(str(value["uuid"])),
-        status=str(value["status"]),
-        firmware_id=uuid.UUID(str(value["firmware_id"])),
-        started_at=_aware(parse_datetime(started)) if isinstance(started, str) else None,
-    )
-
-
-def _lower(version: str, than: str) -> bool:
-    try:
-        return Version.parse(version) < Version.parse(than)
-    except InvalidVersion:
-        return False
-
-
-def check_for_update(device_id: Any, *, generation: int | None = None) -> Offer:
-    """What should this device install now? Creates the update session when one is offered.
-
-    Budget: one read (device, group and latest session together) plus at most one write, with
-    published firmware from the cache. Only when the assignment changed under an open session
-    does the poll cost more: a short transaction cancels the stale session before the new one.
-    """
-    device = (
-        Device.objects.select_related("group")
-        .annotate(latest_session=_latest_session_subquery())
-        .filter(pk=device_id)
-        .first()
-    )
-    if device is None:
-        raise SessionNotFound("This device no longer exists.", code="device_not_found")
-    if generation is not None and generation != device.credential_generation:
-        # Free here (the row is read anyway): a reset device is locked out at its next poll.
-        raise device_services.AuthenticationError(
-            "The device's credentials were reset; enroll again.", code="credentials_reset"
-        )
-    latest = _parse_latest(device.latest_session)
-
-    desired_version = device.effective_target_version
-    firmware = (
-        firmware_services.published_firmware(device.device_type, desired_version)
-        if desired_version
-        else None
-    )
-    wrote = False
-    if latest is not None and latest.status in OPEN_STATUSES:
-        if firmware is not None and uuid.UUID(firmware["id"]) == latest.firmware_id:
-            device_services.mark_seen(device.id, device.last_seen)
-            return Offer(
-                firmware=firmware,
-                session_id=latest.id,
-                session_uuid=latest.public_id,
-                session_status=latest.status,
-                is_rollback=_lower(firmware["version"], device.current_version),
-                reason="in_progress",
-            )
-        # The assignment changed under an open session: that session will never finish.
-        cancel_session(latest.id, reason="The assigned firmware changed.")
-        latest = None
-        wrote = True
-
-    offer = _decide(device, firmware, latest)
-    if offer.firmware is None or offer.reason != "new":
-        if not wrote:
-            device_services.mark_seen(device.id, device.last_seen)
-        return offer
-    return _open_session(device, offer.firmware, offer.is_rollback)
-
-
-def _decide(device: Device, firmware: PublishedFirmware | None, latest: _Latest | None) -> Offer:
-    if firmware is None:
-        return Offer(
-            firmware=None,
-            reason="no_assignment" if not device.effective_target_version else "not_published",
-        )
-    if device.current_version:
-        try:
-            if Version.parse(device.current_version) == Version.parse(firmware["version"]):
-                return Offer(firmware=None, reason="up_to_date")
-        except InvalidVersion:
-            pass
-    min_version = firmware["min_version"]
-    if min_version and device.current_version and _lower(device.current_version, min_version):
-        return Offer(firmware=None, reason="below_min_version")
-    if latest is not None and latest.firmware_id == uuid.UUID(firmware["id"]):
-        # This firmware was tried already (and finished). Offer it again only if an operator
-        # assigned it again after that attempt: a failed update must not loop by itself.
-        assigned_at = _assigned_at(device)
-        if assigned_at is None or latest.started_at is None or assigned_at <= latest.started_at:
-            return Offer(firmware=None, reason=f"already_{latest.status}")
-    return Offer(
-        firmware=firmware,
-        is_rollback=_lower(firmware["version"], device.current_version),
-        reason="new",
-    )
-
-
-def _assigned_at(device: Device) -> datetime | None:
-    if device.target_version:
-        return device.target_set_at
-    return device.group.target_set_at if device.group is not None else None
-
-
-def _open_session(device: Device, firmware: PublishedFirmware, is_rollback: bool) -> Offer:
-    """Open the session with a single INSERT, which keeps the poll within its two queries.
-
-    The offer writes no event row: the session row records it, and the device's first status
-    report (within seconds) writes the first event of the session.
-    """
-    # A lone INSERT is atomic by itself; a savepoint is needed only inside an outer transaction,
-    # where a failed INSERT would otherwise break it.
-    guard = transaction.atomic() if connection.in_atomic_block else nullcontext()
-    try:
-        with guard:
-            session = UpdateSession.objects.create(
-                device_id=device.id,
-                firmware_id=firmware["id"],
-                from_version=device.current_version,
-                is_rollback=is_rollback,
-            )
-    except IntegrityError:
-        # Another poll of the same device opened one a moment ago (one open session per device).
-        existing = UpdateSession.objects.filter(
-            device_id=device.id, status__in=OPEN_STATUSES
-        ).first()
-        if existing is None or str(existing.firmware_id) != firmware["id"]:
-            return Offer(firmware=None, reason="busy")
-        session = existing
-    return Offer(
-        firmware=firmware,
-        session_id=session.id,
-        session_uuid=session.uuid,
-        session_status=session.status,
-        is_rollback=is_rollback,
-        reason="new",
-    )
 
 
 # --- Session changes ------------------------------------------------------------------------------
@@ -389,6 +189,11 @@ def _finish(
             device.set_current_version(running_version)
             fields += ["current_version", "current_version_key"]
     device.save(update_fields=fields)
+    if status == SessionStatus.SUCCESS:
+        from rollouts.evaluation import offer_rollback_if_rolled_back
+
+        # A device that finished installing after its rollout was rolled back goes back too.
+        offer_rollback_if_rolled_back(session)
     _session_event(
         session,
         EventKind.SESSION_FINISHED,

@@ -13,6 +13,7 @@ from django.conf import settings
 from django.db.models import Q, QuerySet
 
 from devices.models import Device
+from firmware import services as firmware_services
 from firmware.services import PublishedFirmware
 from ota_site import cache
 from ota_site.versions import version_key
@@ -50,7 +51,9 @@ def targeting_q(rollout: Rollout, group_ids: list[Any] | None = None) -> Q:
     if rollout.from_version_max:
         q &= Q(current_version_key__lte=version_key(rollout.from_version_max))
     for key, value in rollout.metadata_filters.items():
-        q &= Q(**{f"metadata__{key}": value})
+        # "__exact" makes the key a key transform even when it is named like a lookup
+        # ("contains", "has_key").
+        q &= Q(**{f"metadata__{key}__exact": value})
     return q
 
 
@@ -63,7 +66,8 @@ def with_bucket(queryset: QuerySet[Device], rollout: Rollout) -> QuerySet[Device
 
 
 def in_stage(queryset: QuerySet[Device], rollout: Rollout, percentage: int) -> QuerySet[Device]:
-    return with_bucket(queryset, rollout).filter(ota_bucket__lt=bucket_limit(percentage))
+    limit = bucket_limit(percentage)
+    return with_bucket(queryset, rollout).filter(ota_bucket__lt=limit)  # type: ignore[misc]
 
 
 # --- The poll's view -------------------------------------------------------------------------
@@ -77,7 +81,7 @@ def live_specs() -> list[RolloutSpec]:
     """
     cached = cache.get(LIVE_SPECS_KEY)
     if cached is not cache.MISSING:
-        return cached  # type: ignore[no-any-return]
+        return cached
     specs: dict[str, RolloutSpec] = {}
     rows = (
         Rollout.objects.filter(status__in=[RolloutStatus.ACTIVE, RolloutStatus.PAUSED])
@@ -142,6 +146,8 @@ def live_specs() -> list[RolloutSpec]:
             spec["percentage"] = row["stages__percentage"]
     result = list(specs.values())
     cache.set(LIVE_SPECS_KEY, result, settings.ROLLOUT_CACHE_TIMEOUT)
+    for spec in result:  # polls of devices in these rollouts look their firmware up by id
+        firmware_services.remember_published(spec["firmware"])
     return result
 
 

@@ -140,7 +140,15 @@ class TestQueryBudget:
     """The poll is the hot path: at most 2 SQL queries (DESIGN.md, Performance model).
 
     Transactional, as in production: inside a test transaction every write would add savepoints.
+    Live rollouts and published firmware come from caches that every poll shares (Redis); the
+    tests warm them as the previous poll of any device would.
     """
+
+    @pytest.fixture(autouse=True)
+    def _warm(self, db) -> None:
+        from rollouts import targeting
+
+        targeting.live_specs()
 
     def test_no_assignment(self, device_a, django_assert_max_num_queries) -> None:
         Device.objects.filter(pk=device_a.id).update(last_seen=timezone.now() - timedelta(hours=1))
@@ -264,7 +272,7 @@ def test_a_reset_device_is_locked_out_at_its_next_poll(device_a: DeviceActor) ->
 
 
 def test_finished_sessions_read_back_from_sqlite_compare_as_utc() -> None:
-    from rollouts.services import _parse_latest
+    from rollouts.poll import _parse_latest
 
     latest = _parse_latest(
         {
@@ -272,6 +280,8 @@ def test_finished_sessions_read_back_from_sqlite_compare_as_utc() -> None:
             "uuid": "0" * 32,
             "status": "failed",
             "firmware_id": "1" * 32,
+            "rollout_id": None,
+            "is_rollback": 0,
             "started_at": "2026-11-27 18:00:00.123456",
         }
     )

@@ -16,7 +16,7 @@ from rest_framework.views import APIView
 
 from ota_site.auth import DeviceJWTAuthentication
 from ota_site.permissions import IsDevice, IsOperator, check_own_device
-from rollouts import services
+from rollouts import poll, services
 from rollouts.api.serializers import (
     ReportReplySerializer,
     SessionSerializer,
@@ -43,7 +43,7 @@ class UpdateCheckView(DeviceView):
 
     @extend_schema(responses={200: UpdateCheckSerializer})
     def get(self, request: Request, device_id: Any = None) -> Response:
-        offer = services.check_for_update(
+        offer = poll.check_for_update(
             self.device_id(request, device_id),
             generation=request.user.generation,  # type: ignore[union-attr]
         )

@@ -1,0 +1,35 @@
+"""Celery tasks: take ids, use JSON, return quietly when the object is gone (STYLE.md §6)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import shared_task
+
+from rollouts import evaluation
+
+logger = logging.getLogger(__name__)
+
+
+@shared_task(ignore_result=True)
+def evaluate_active_rollouts() -> None:
+    """Run by beat every ROLLOUT_EVALUATION_INTERVAL seconds: judge every running rollout.
+
+    Each rollout is judged in its own transaction with its row locked (skipped if another worker
+    holds it), so two workers at once never advance a rollout twice, and one broken rollout does
+    not stop the others.
+    """
+    for rollout_id in evaluation.due_rollout_ids():
+        evaluate_rollout(str(rollout_id))
+
+
+def evaluate_rollout(rollout_id: Any) -> str:
+    try:
+        action = evaluation.evaluate_rollout(rollout_id)
+    except Exception:
+        logger.exception("evaluating rollout %s failed", rollout_id)
+        return "error"
+    if action:
+        logger.info("rollout %s: %s", rollout_id, action)
+    return action

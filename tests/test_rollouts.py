@@ -1,0 +1,450 @@
+"""Staged rollouts: definitions, membership, the poll, evaluation, rollback and the API."""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from django.db import connection
+from django.utils import timezone
+from rest_framework.test import APIClient
+
+from devices.models import Device
+from firmware import services as firmware_services
+from firmware.models import Firmware
+from ota_site.models import Event
+from rollouts import evaluation, lifecycle, poll, services, targeting
+from rollouts.buckets import Bucket, bucket
+from rollouts.lifecycle import Definition, StageSpec
+from rollouts.models import Rollout, RolloutStatus, SessionStatus, UpdateSession
+from tests.factories import DeviceFactory, DeviceGroupFactory, FirmwareFactory
+
+
+@pytest.fixture
+def v1(db: Any) -> Firmware:
+    return firmware_services.publish_firmware(FirmwareFactory.create(version="1.0.0"))
+
+
+@pytest.fixture
+def v2(db: Any) -> Firmware:
+    return firmware_services.publish_firmware(FirmwareFactory.create(version="1.1.0"))
+
+
+def fleet(n: int, **fields: Any) -> list[Device]:
+    return [DeviceFactory.create(current_version="1.0.0", **fields) for _ in range(n)]
+
+
+def definition(firmware: Firmware, *percentages: int, **fields: Any) -> Definition:
+    stages = [StageSpec(f"{p}%", p) for p in percentages or (10, 50, 100)]
+    return Definition(name="to 1.1.0", firmware=firmware, stages=stages, **fields)
+
+
+def started(firmware: Firmware, *percentages: int, **fields: Any) -> Rollout:
+    rollout = lifecycle.create_rollout(definition(firmware, *percentages, **fields))
+    return lifecycle.start_rollout(rollout)
+
+
+def run_device(device: Device, outcome: str = "success") -> str:
+    """One device polls and, if offered an update, reports it through to ``outcome``."""
+    offer = poll.check_for_update(device.id)
+    if offer.firmware is None:
+        return offer.reason
+    services.report_status(device.id, offer.session_uuid, status="downloading", progress=50)
+    if outcome == "success":
+        services.validate_session(
+            device.id, offer.session_uuid, success=True, running_version=offer.firmware["version"]
+        )
+    elif outcome == "failed":
+        services.report_status(
+            device.id, offer.session_uuid, status="failed", error_message="install failed"
+        )
+    return offer.reason
+
+
+# --- Membership ----------------------------------------------------------------------------
+
+
+def test_sql_and_python_buckets_agree(v2: Firmware) -> None:
+    devices = fleet(60)
+    rollout = lifecycle.create_rollout(definition(v2))
+    in_sql = dict(Device.objects.annotate(b=Bucket("id", rollout.id)).values_list("id", "b"))
+    assert in_sql == {d.id: bucket(d.id, rollout.id) for d in devices}
+
+
+def test_stage_membership_grows_and_is_proportional(v2: Firmware) -> None:
+    fleet(400)
+    rollout = lifecycle.create_rollout(definition(v2))
+    members = [
+        set(targeting.in_stage(Device.objects.all(), rollout, p).values_list("id", flat=True))
+        for p in (10, 50, 100)
+    ]
+    assert members[0] <= members[1] <= members[2] and len(members[2]) == 400
+    assert 20 <= len(members[0]) <= 65 and 160 <= len(members[1]) <= 240
+
+
+# --- Definitions ---------------------------------------------------------------------------
+
+
+def create(api: APIClient, **body: Any):
+    return api.post("/api/v1/rollouts", body, format="json")
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"stages": [{"percentage": 50}, {"percentage": 10}]}, "stages"),
+        ({"stages": [{"percentage": 10}, {"percentage": 10}]}, "stages"),
+        ({"stages": [{"percentage": 0}]}, "stages"),
+        ({"stages": [{"percentage": 101}]}, "stages"),
+        ({"stages": []}, "stages"),
+        ({"success_threshold": 1.5}, "success_threshold"),
+        ({"rollback_threshold": -0.1}, "rollback_threshold"),
+        ({"target_groups": ["00000000-0000-0000-0000-000000000000"]}, "target_groups"),
+        ({"device_type": "board-b"}, "device_type"),
+        ({"start_at": "2001-01-01T00:00:00Z"}, "start_at"),
+        ({"from_version_min": "one"}, "from_version_min"),
+        ({"metadata_filters": {"bad key": 1}}, "metadata_filters"),
+        ({"metadata_filters": {"k": [1, 2]}}, "metadata_filters"),
+        ({"device_timeout": 5}, "device_timeout"),
+    ],
+)
+def test_invalid_definitions_are_400_and_save_nothing(
+    operator_api: APIClient, v2: Firmware, change: dict, field: str
+) -> None:
+    body = {"name": "r", "firmware": str(v2.id), "stages": [{"percentage": 10}], **change}
+    reply = create(operator_api, **body)
+    assert reply.status_code == 400, reply.content
+    assert field in reply.json()["errors"]
+    assert not Rollout.objects.exists()
+
+
+def test_unpublished_firmware_is_refused(operator_api: APIClient, db: Any) -> None:
+    draft = FirmwareFactory.create(version="3.0.0")
+    reply = create(operator_api, name="r", firmware=str(draft.id), stages=[{"percentage": 10}])
+    assert reply.status_code == 400 and "firmware" in reply.json()["errors"]
+
+
+def test_overlapping_rollouts_are_refused_and_disjoint_ones_allowed(
+    operator_api: APIClient, v2: Firmware
+) -> None:
+    eu, us = DeviceGroupFactory.create(name="eu"), DeviceGroupFactory.create(name="us")
+    DeviceFactory.create(group=eu)
+    DeviceFactory.create(group=us)
+    body = {"name": "r", "firmware": str(v2.id), "stages": [{"percentage": 100}]}
+    assert create(operator_api, **body, target_groups=[str(eu.id)]).status_code == 201
+    reply = create(operator_api, **body)  # everyone: overlaps eu
+    assert reply.status_code == 409 and reply.json()["code"] == "rollout_conflict"
+    assert create(operator_api, **body, target_groups=[str(us.id)]).status_code == 201
+
+
+def test_the_api_round_trip(operator_api: APIClient, v2: Firmware) -> None:
+    reply = create(
+        operator_api,
+        name="spring",
+        firmware=str(v2.id),
+        stages=[{"name": "canary", "percentage": 1, "min_duration": 600}, {"percentage": 100}],
+        metadata_filters={"region": "eu"},
+        from_version_min="1.0.0",
+    )
+    assert reply.status_code == 201, reply.content
+    body = reply.json()
+    assert body["status"] == "scheduled" and body["device_type"] == "board-a"
+    assert [s["name"] for s in body["stages"]] == ["canary", "100%"]
+    rid = body["id"]
+    reply = operator_api.patch(f"/api/v1/rollouts/{rid}", {"name": "spring 2"}, format="json")
+    assert reply.status_code == 200 and reply.json()["name"] == "spring 2"
+    assert operator_api.post(f"/api/v1/rollouts/{rid}/start").json()["status"] == "active"
+    reply = operator_api.patch(
+        f"/api/v1/rollouts/{rid}", {"stages": [{"percentage": 100}]}, format="json"
+    )
+    assert reply.status_code == 409 and reply.json()["code"] == "rollout_running"
+    reply = operator_api.post(f"/api/v1/rollouts/{rid}/pause", {"reason": "lunch"}, format="json")
+    assert reply.json()["status"] == "paused" and reply.json()["status_reason"] == "lunch"
+    assert operator_api.post(f"/api/v1/rollouts/{rid}/pause").status_code == 409
+    assert operator_api.post(f"/api/v1/rollouts/{rid}/resume").json()["status"] == "active"
+    assert operator_api.post(f"/api/v1/rollouts/{rid}/advance").json()["current_stage"] == 1
+    assert operator_api.post(f"/api/v1/rollouts/{rid}/advance").json()["status"] == "completed"
+    assert operator_api.post(f"/api/v1/rollouts/{rid}/cancel").status_code == 409
+    kinds = list(Event.objects.filter(rollout_id=rid).values_list("kind", flat=True))
+    assert kinds == [
+        "rollout.created",
+        "rollout.updated",
+        "rollout.started",
+        "rollout.paused",
+        "rollout.resumed",
+        "rollout.advanced",
+        "rollout.completed",
+    ]
+    assert Event.objects.filter(rollout_id=rid, kind="rollout.paused").get().actor == "user:olivia"
+
+
+def test_devices_and_viewers_cannot_control_rollouts(api: APIClient, viewer, device_a, v2) -> None:
+    rollout = lifecycle.create_rollout(definition(v2))
+    api.force_login(viewer)
+    assert api.post(f"/api/v1/rollouts/{rollout.id}/start").status_code == 403
+    assert device_a.client.post(f"/api/v1/rollouts/{rollout.id}/start").status_code in (401, 403)
+    assert Rollout.objects.get().status == RolloutStatus.SCHEDULED
+
+
+# --- The poll -------------------------------------------------------------------------------
+
+
+def test_devices_in_the_stage_are_offered_the_rollout(v2: Firmware) -> None:
+    devices = fleet(100)
+    rollout = started(v2, 20, 100)
+    reasons = [run_device(d, "none") for d in devices]
+    inside = [d for d in devices if bucket(d.id, rollout.id) < 2000]
+    assert reasons.count("new") == len(inside)
+    assert reasons.count("waiting_for_stage") == 100 - len(inside)
+    session = UpdateSession.objects.filter(rollout=rollout).first()
+    assert session is not None and session.stage == 0 and not session.is_rollback
+
+
+def test_targeting_by_group_version_and_metadata(v2: Firmware) -> None:
+    eu = DeviceGroupFactory.create(name="eu")
+    wanted = DeviceFactory.create(group=eu, metadata={"hw": "rev2"}, current_version="1.0.0")
+    DeviceFactory.create(group=eu, metadata={"hw": "rev1"}, current_version="1.0.0")
+    DeviceFactory.create(metadata={"hw": "rev2"}, current_version="1.0.0")
+    DeviceFactory.create(group=eu, metadata={"hw": "rev2"}, current_version="0.5.0")
+    rollout = started(
+        v2, 100, target_groups=[eu], metadata_filters={"hw": "rev2"}, from_version_min="0.9.0"
+    )
+    for device in Device.objects.all():
+        run_device(device, "none")
+    assert list(UpdateSession.objects.values_list("device_id", flat=True)) == [wanted.id]
+    assert evaluation.rollout_metrics(rollout)["targeted_devices"] == 1
+
+
+def test_rollouts_never_downgrade_and_skip_up_to_date_devices(v2: Firmware) -> None:
+    newer = DeviceFactory.create(current_version="2.0.0")
+    same = DeviceFactory.create(current_version="1.1.0")
+    started(v2, 100)
+    assert run_device(newer, "none") == "newer_installed"
+    assert run_device(same, "none") == "up_to_date"
+
+
+def test_an_explicit_assignment_wins_over_a_rollout(v1: Firmware, v2: Firmware) -> None:
+    [device] = fleet(1)
+    started(v2, 100)
+    Device.objects.filter(pk=device.pk).update(current_version="0.9.0", current_version_key="")
+    device.refresh_from_db()
+    from devices import services as device_services
+
+    device_services.update_device(device, target_version="1.0.0")
+    offer = poll.check_for_update(device.id)
+    assert offer.firmware is not None and offer.firmware["version"] == "1.0.0"
+    assert offer.rollout_id is None
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_poll_stays_within_two_queries_with_rollouts(
+    django_assert_max_num_queries: Any,
+) -> None:
+    v2 = firmware_services.publish_firmware(FirmwareFactory.create(version="1.1.0"))
+    devices = fleet(20)
+    started(v2, 100)
+    targeting.live_specs()  # warm, as the previous poll of any device would
+    for device in devices[:5]:
+        with django_assert_max_num_queries(2):
+            offer = poll.check_for_update(device.id)
+        assert offer.reason == "new"
+        with django_assert_max_num_queries(2):
+            assert poll.check_for_update(device.id).reason == "in_progress"
+
+
+# --- Evaluation --------------------------------------------------------------------------------
+
+
+def evaluate(rollout: Rollout) -> str:
+    return evaluation.evaluate_rollout(rollout.id)
+
+
+def test_a_healthy_rollout_advances_and_completes(v2: Firmware) -> None:
+    devices = fleet(120)
+    rollout = started(v2, 10, 50, 100, min_devices=3)
+    for _ in range(3):
+        for device in devices:
+            run_device(device)
+        evaluate(rollout)
+    rollout.refresh_from_db()
+    assert rollout.status == RolloutStatus.COMPLETED, rollout.status_reason
+    assert Device.objects.filter(current_version="1.1.0").count() == 120
+    metrics = evaluation.rollout_metrics(rollout)
+    assert [s["state"] for s in metrics["stages"]] == ["done", "done", "done"]
+    assert sum(s["devices"] for s in metrics["stages"]) == 120
+    assert sum(s["sessions"]["success"] for s in metrics["stages"]) == 120
+
+
+def test_a_stage_waits_for_min_devices_and_min_duration(v2: Firmware) -> None:
+    devices = fleet(200)
+    rollout = lifecycle.start_rollout(
+        lifecycle.create_rollout(
+            Definition(
+                name="r",
+                firmware=v2,
+                min_devices=5,
+                stages=[StageSpec("a", 50, 3600), StageSpec("b", 100)],
+            )
+        )
+    )
+    inside = [d for d in devices if bucket(d.id, rollout.id) < 5000]
+    for device in inside[:4]:
+        run_device(device)
+    assert evaluate(rollout) == ""  # 4 finished < min_devices
+    for device in inside[4:]:
+        run_device(device)
+    assert evaluate(rollout) == ""  # soaking for an hour
+    Rollout.objects.filter(pk=rollout.pk).update(
+        stage_started_at=timezone.now() - timedelta(hours=2)
+    )
+    assert evaluate(rollout) == "advanced"
+    assert evaluate(rollout) == ""  # idempotent: nothing new to judge
+    rollout.refresh_from_db()
+    assert rollout.current_stage == 1
+
+
+def test_the_last_stage_completes_only_when_every_device_finished(v2: Firmware) -> None:
+    devices = fleet(10)
+    rollout = started(v2, 100, min_devices=2)
+    for device in devices[:9]:
+        run_device(device)
+    assert evaluate(rollout) == ""  # one targeted device has not finished yet
+    run_device(devices[9])
+    assert evaluate(rollout) == "completed"
+    rollout.refresh_from_db()
+    assert rollout.status == RolloutStatus.COMPLETED and rollout.completed_at is not None
+
+
+def test_failures_roll_back_the_devices_that_updated(v1: Firmware, v2: Firmware) -> None:
+    devices = fleet(200)
+    rollout = started(v2, 30, 100, min_devices=10, rollback_threshold=0.2)
+    inside = [d for d in devices if bucket(d.id, rollout.id) < 3000]
+    outcomes = ["failed" if i % 3 == 0 else "success" for i in range(len(inside))]
+    for device, outcome in zip(inside, outcomes, strict=True):
+        run_device(device, outcome)
+    assert evaluate(rollout) == "rolled_back"
+    rollout.refresh_from_db()
+    assert rollout.status == RolloutStatus.ROLLED_BACK and "rollback threshold" in (
+        rollout.status_reason
+    )
+    succeeded = [d for d, o in zip(inside, outcomes, strict=True) if o == "success"]
+    rollbacks = UpdateSession.objects.filter(rollout=rollout, is_rollback=True)
+    assert rollbacks.count() == len(succeeded)
+    assert set(rollbacks.values_list("firmware__version", flat=True)) == {"1.0.0"}
+    # Each updated device is offered 1.0.0 as a permitted rollback and goes back.
+    for device in succeeded:
+        offer = poll.check_for_update(device.id)
+        assert offer.firmware is not None and offer.firmware["version"] == "1.0.0"
+        assert offer.is_rollback and offer.reason == "in_progress"
+        services.validate_session(
+            device.id, offer.session_uuid, success=True, running_version="1.0.0"
+        )
+    assert Device.objects.filter(current_version="1.1.0").count() == 0
+    # Devices outside the first stage are never offered the bad firmware.
+    outside = [d for d in devices if d not in inside]
+    assert all(poll.check_for_update(d.id).firmware is None for d in outside)
+    assert evaluation.rollout_metrics(rollout)["rollback_sessions"]["success"] == len(succeeded)
+
+
+def test_without_auto_rollback_failures_pause_with_a_reason(v2: Firmware) -> None:
+    devices = fleet(40)
+    rollout = started(v2, 100, min_devices=5, rollback_threshold=0.1, auto_rollback=False)
+    for i, device in enumerate(devices):
+        run_device(device, "failed" if i % 2 else "success")
+    assert evaluate(rollout) == "paused"
+    rollout.refresh_from_db()
+    assert rollout.status == RolloutStatus.PAUSED and "failed" in rollout.status_reason
+    assert not UpdateSession.objects.filter(is_rollback=True).exists()
+    paused = Event.objects.get(rollout_id=rollout.id, kind="rollout.paused")
+    assert paused.actor == "system" and paused.data["reason"] == rollout.status_reason
+
+
+def test_stuck_sessions_time_out_and_count_as_failures(v2: Firmware) -> None:
+    devices = fleet(10)
+    rollout = started(v2, 100, min_devices=5, rollback_threshold=0.3, device_timeout=600)
+    for device in devices:
+        run_device(device, "none")  # offered, then silent
+    UpdateSession.objects.update(started_at=timezone.now() - timedelta(hours=1))
+    assert evaluate(rollout) == "rolled_back"
+    assert UpdateSession.objects.filter(status=SessionStatus.FAILED).count() == 10
+    assert "Timed out" in (UpdateSession.objects.first().error_message or "")
+
+
+def test_a_scheduled_rollout_starts_by_itself(v2: Firmware) -> None:
+    fleet(5)
+    rollout = lifecycle.create_rollout(
+        definition(v2, 100, start_at=timezone.now() + timedelta(minutes=5))
+    )
+    assert evaluate(rollout) == ""
+    Rollout.objects.filter(pk=rollout.pk).update(start_at=timezone.now() - timedelta(seconds=1))
+    assert evaluation.due_rollout_ids() == [rollout.id]
+    assert evaluate(rollout) == "started"
+    rollout.refresh_from_db()
+    assert rollout.status == RolloutStatus.ACTIVE and rollout.current_stage == 0
+
+
+def test_cancel_cancels_open_sessions(operator_api: APIClient, v2: Firmware) -> None:
+    devices = fleet(5)
+    rollout = started(v2, 100)
+    for device in devices:
+        run_device(device, "none")
+    reply = operator_api.post(
+        f"/api/v1/rollouts/{rollout.id}/cancel", {"reason": "bad build"}, format="json"
+    )
+    assert reply.status_code == 200 and reply.json()["status"] == "cancelled"
+    assert UpdateSession.objects.filter(status=SessionStatus.CANCELLED).count() == 5
+    assert all(poll.check_for_update(d.id).firmware is None for d in devices)
+
+
+def test_a_paused_rollout_offers_nothing_new_but_lets_open_sessions_finish(v2: Firmware) -> None:
+    first, second = fleet(2)
+    rollout = started(v2, 100)
+    offer = poll.check_for_update(first.id)
+    lifecycle.pause_rollout(rollout)
+    assert poll.check_for_update(second.id).firmware is None
+    assert poll.check_for_update(first.id).reason == "in_progress"
+    assert offer.session_uuid is not None
+
+
+def test_metrics_endpoint(operator_api: APIClient, v2: Firmware) -> None:
+    devices = fleet(30)
+    rollout = started(v2, 50, 100)
+    for device in devices:
+        run_device(device)
+    reply = operator_api.get(f"/api/v1/rollouts/{rollout.id}/metrics")
+    assert reply.status_code == 200
+    body = reply.json()
+    assert body["targeted_devices"] == 30
+    first = body["stages"][0]
+    assert first["state"] == "current" and first["sessions"]["success"] == first["devices"]
+    assert first["success_rate"] == 1.0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_workers_evaluating_at_once_advance_once() -> None:
+    v2 = firmware_services.publish_firmware(FirmwareFactory.create(version="1.1.0"))
+    devices = fleet(60)
+    rollout = started(v2, 10, 50, 100, min_devices=1)
+    for device in devices:
+        run_device(device)
+    results: list[str] = []
+    barrier = threading.Barrier(4)
+
+    def worker() -> None:
+        try:
+            barrier.wait()
+            results.append(evaluation.evaluate_rollout(rollout.id))
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    rollout.refresh_from_db()
+    assert rollout.current_stage == 1, results
+    assert results.count("advanced") == 1
+    assert Event.objects.filter(rollout_id=rollout.id, kind="rollout.advanced").count() == 1
