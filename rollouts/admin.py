@@ -3,65 +3,108 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from django.contrib import admin, messages
-from django.db.models import Count, ForeignKey, Q, QuerySet
-from django.forms import ModelChoiceField
+from django.db.models import Count, Q, QuerySet
 from django.http import HttpRequest
 from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 from django.utils.http import urlencode
 
-from firmware.models import Firmware
 from ota_site.admin import uuid_or_none
+from ota_site.errors import ServiceError
 from ota_site.models import Event
-from rollouts import services
+from rollouts import lifecycle, services
 from rollouts.models import OPEN_STATUSES, Rollout, RolloutStage, UpdateSession
 
 
 class RolloutStageInline(admin.TabularInline):
     model = RolloutStage
     fields = ("position", "name", "percentage", "min_duration", "start_time", "completion_time")
-    readonly_fields = ("start_time", "completion_time")
+    readonly_fields = fields
     ordering = ("position",)
     extra = 0
+    can_delete = False
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+def _rollout_action(
+    transition: Callable[..., Rollout], description: str
+) -> Callable[[Any, HttpRequest, QuerySet[Rollout]], None]:
+    """An admin action that runs one lifecycle transition per selected rollout."""
+
+    def action(modeladmin: Any, request: HttpRequest, queryset: QuerySet[Rollout]) -> None:
+        done = 0
+        for rollout in queryset:
+            try:
+                transition(rollout, actor=request.user)
+                done += 1
+            except ServiceError as exc:
+                modeladmin.message_user(request, f"{rollout}: {exc.detail}", messages.ERROR)
+        if done:
+            modeladmin.message_user(request, f"{description}: {done} rollout(s).", messages.SUCCESS)
+
+    action.__name__ = transition.__name__
+    return admin.action(description=description, permissions=["change"])(action)
 
 
 @admin.register(Rollout)
 class RolloutAdmin(admin.ModelAdmin):
-    """Status is read-only until the rollout engine (start, advance, pause, roll back) arrives."""
+    """Rollouts are created with the API, the console or `manage.py rollout create`, where the
+    definition is checked as a whole; here they are inspected and controlled with actions."""
 
     inlines = (RolloutStageInline,)
     list_display = (
         "name",
         "firmware",
         "status",
+        "current_stage",
         "stage_count",
         "created_by",
         "created_at",
         "started_at",
         "completed_at",
     )
-    list_filter = ("status", "firmware__device_type")
+    list_filter = ("status", "device_type")
     list_select_related = ("firmware", "created_by")
     search_fields = ("name", "firmware__version")
     date_hierarchy = "created_at"
     ordering = ("-created_at",)
-    filter_horizontal = ("target_groups",)
+    actions = (
+        _rollout_action(lifecycle.start_rollout, "Start"),
+        _rollout_action(lifecycle.pause_rollout, "Pause"),
+        _rollout_action(lifecycle.resume_rollout, "Resume"),
+        _rollout_action(lifecycle.advance_rollout, "Advance to the next stage"),
+        _rollout_action(lifecycle.cancel_rollout, "Cancel"),
+    )
     fields = (
         "name",
         "firmware",
+        "device_type",
         "status",
+        "status_reason",
+        "current_stage",
         "target_groups",
+        "from_version_min",
+        "from_version_max",
+        "metadata_filters",
         "success_threshold",
         "rollback_threshold",
+        "min_devices",
+        "device_timeout",
+        "auto_rollback",
+        "start_at",
         "created_by",
         "created_at",
         "started_at",
+        "stage_started_at",
         "completed_at",
     )
-    readonly_fields = ("status", "created_by", "created_at", "started_at", "completed_at")
+    readonly_fields = fields
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Rollout]:
         return super().get_queryset(request).annotate(stage_count=Count("stages"))
@@ -70,19 +113,11 @@ class RolloutAdmin(admin.ModelAdmin):
     def stage_count(self, rollout: Rollout) -> int:
         return rollout.stage_count  # type: ignore[attr-defined]
 
-    def formfield_for_foreignkey(
-        self, db_field: ForeignKey[Any, Any], request: HttpRequest, **kwargs: Any
-    ) -> ModelChoiceField[Any] | None:
-        if db_field.name == "firmware":
-            # Only published firmware can reach devices.
-            kwargs["queryset"] = Firmware.objects.filter(published_at__isnull=False)
-        return super().formfield_for_foreignkey(db_field, request, **kwargs)
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
 
-    def save_model(self, request: HttpRequest, obj: Rollout, form: Any, change: bool) -> None:
-        # Plain save until rollouts.services grows create_rollout with the rollout engine.
-        if not change:
-            obj.created_by = request.user  # type: ignore[assignment]
-        super().save_model(request, obj, form, change)
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False  # history: cancel instead
 
 
 @admin.register(UpdateSession)

@@ -91,7 +91,9 @@ def fleet(db: Any) -> Fleet:
     token, _ = device_services.create_enrollment_token(name="factory", device_type=DEVICE_TYPE)
     published = firmware_services.publish_firmware(upload("1.1.0"))
     draft = upload("1.2.0")
-    rollout = Rollout.objects.create(name="to 1.1.0", firmware=published)
+    rollout = Rollout.objects.create(
+        name="to 1.1.0", firmware=published, device_type=published.device_type
+    )
     rollout.target_groups.add(group)
     RolloutStage.objects.create(rollout=rollout, position=1, name="canary", percentage=5)
     session = UpdateSession.objects.create(
@@ -158,7 +160,7 @@ def test_changelist_and_change_page_render(admin_client: Client, fleet: Fleet, m
     [
         (DeviceGroup, 200),
         (EnrollmentToken, 200),
-        (Rollout, 200),
+        (Rollout, 403),
         (Device, 403),
         (Firmware, 403),
         (SigningKey, 403),
@@ -223,7 +225,9 @@ def test_changelists_cost_the_same_queries_for_more_rows(
         UpdateSession.objects.create(device=device, firmware=fleet.published, rollout=fleet.rollout)
         device_services.create_enrollment_token(name=f"more-{i}", group=fleet.group)
         upload(f"3.{i}.0")
-        Rollout.objects.create(name=f"more-{i}", firmware=fleet.published)
+        Rollout.objects.create(
+            name=f"more-{i}", firmware=fleet.published, device_type="admin-board"
+        )
     assert count() == before
 
 
@@ -591,38 +595,32 @@ def test_deleting_unused_firmware_goes_through_the_service(
 # --- Rollouts and sessions ------------------------------------------------------------------------
 
 
-def test_adding_a_rollout_with_stages(admin_client: Client, fleet: Fleet) -> None:
-    form = {
-        "name": "wave",
-        "firmware": fleet.published.pk,
-        "target_groups": [fleet.group.pk],
-        "success_threshold": "0.95",
-        "rollback_threshold": "0.05",
-        "stages-TOTAL_FORMS": "2",
-        "stages-INITIAL_FORMS": "0",
-        "stages-MIN_NUM_FORMS": "0",
-        "stages-MAX_NUM_FORMS": "1000",
-        "stages-0-position": "1",
-        "stages-0-name": "canary",
-        "stages-0-percentage": "5",
-        "stages-0-min_duration": "600",
-        "stages-1-position": "2",
-        "stages-1-name": "all",
-        "stages-1-percentage": "100",
-        "stages-1-min_duration": "0",
-    }
-    reply = admin_client.post(url(Rollout, "add"), form)
-    assert reply.status_code == 302
-    rollout = Rollout.objects.get(name="wave")
-    assert rollout.status == "scheduled"
-    assert rollout.created_by is not None and rollout.created_by.username == "admin"
-    assert list(rollout.stages.values_list("percentage", flat=True)) == [5, 100]
-
-
-def test_a_rollout_cannot_use_a_draft(admin_client: Client, fleet: Fleet) -> None:
-    page = admin_client.get(url(Rollout, "add"))
-    choices = page.context["adminform"].form.fields["firmware"].queryset
-    assert fleet.published in choices and fleet.draft not in choices
+def test_rollouts_are_controlled_with_actions_not_edited(
+    admin_client: Client, fleet: Fleet
+) -> None:
+    assert admin_client.get(url(Rollout, "add")).status_code == 403
+    changelist = url(Rollout, "changelist")
+    reply = admin_client.post(
+        changelist,
+        {"action": "start_rollout", "_selected_action": [fleet.rollout.pk]},
+        follow=True,
+    )
+    assert reply.status_code == 200
+    fleet.rollout.refresh_from_db()
+    assert fleet.rollout.status == "active"
+    assert events(EventKind.ROLLOUT_STARTED)[0].actor == "user:admin"
+    # A transition that is not allowed is reported, not a 500.
+    reply = admin_client.post(
+        changelist,
+        {"action": "resume_rollout", "_selected_action": [fleet.rollout.pk]},
+        follow=True,
+    )
+    assert any("cannot be resumed" in m for m in messages_of(reply))
+    admin_client.post(
+        changelist, {"action": "cancel_rollout", "_selected_action": [fleet.rollout.pk]}
+    )
+    fleet.rollout.refresh_from_db()
+    assert fleet.rollout.status == "cancelled"
 
 
 def test_cancel_sessions_action(admin_client: Client, fleet: Fleet) -> None:

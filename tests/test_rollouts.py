@@ -369,7 +369,7 @@ def test_stuck_sessions_time_out_and_count_as_failures(v2: Firmware) -> None:
     UpdateSession.objects.update(started_at=timezone.now() - timedelta(hours=1))
     assert evaluate(rollout) == "rolled_back"
     assert UpdateSession.objects.filter(status=SessionStatus.FAILED).count() == 10
-    assert "Timed out" in (UpdateSession.objects.first().error_message or "")
+    assert "Timed out" in (UpdateSession.objects.get(device=devices[0]).error_message or "")
 
 
 def test_a_scheduled_rollout_starts_by_itself(v2: Firmware) -> None:
