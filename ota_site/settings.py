@@ -220,6 +220,9 @@ CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_ACKS_LATE = True  # a task lost with its worker is run again
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_ALWAYS_EAGER = _typed("bool", "CELERY_TASK_ALWAYS_EAGER", False)
+# One queue name per installation, so deployments (or test runs) sharing a Redis never take
+# each other's tasks.
+CELERY_TASK_DEFAULT_QUEUE = env.str("CELERY_QUEUE", default="ota")
 
 # --- Storage --------------------------------------------------------------------------------
 STORAGE = env.str("STORAGE", default="") or "local"

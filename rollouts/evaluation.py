@@ -48,6 +48,8 @@ logger = logging.getLogger(__name__)
 
 # How many rollback sessions one INSERT writes.
 ROLLBACK_BATCH = 2000
+# How long after a rollback the evaluation keeps offering it to devices that report late.
+ROLLBACK_SWEEP = timedelta(days=1)
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,11 @@ def evaluate_rollout(rollout_id: Any) -> str:
             rollout_event(rollout, EventKind.ROLLOUT_STARTED, None, reason="start_at reached")
             forget_live_specs()
             return "started"
+        if rollout.status == RolloutStatus.ROLLED_BACK:
+            # Devices that finished installing after the rollback (or whose reports arrived
+            # late) are offered their previous firmware too; idempotent.
+            offered, _ = _offer_rollbacks(rollout)
+            return "rollbacks_offered" if offered else ""
         if rollout.status not in (RolloutStatus.ACTIVE, RolloutStatus.PAUSED):
             return ""
         _time_out_sessions(rollout, now)
@@ -235,11 +242,15 @@ def _stop_for_failures(rollout: Rollout, reason: str, now: datetime) -> str:
 
 
 def _offer_rollbacks(rollout: Rollout, device_ids: Iterable[Any] | None = None) -> tuple[int, int]:
-    """Open a rollback session (previous firmware, is_rollback) for every device that installed
-    this rollout's firmware and has none yet. Returns (offered, devices without a previous
-    published firmware)."""
+    """Open a rollback session (previous firmware, is_rollback) for every device that took part
+    in this rollout and runs its firmware now, and has none yet. "Runs it now" is what the device
+    says (validation, heartbeat), so a device whose session was cancelled while it was already
+    installing is brought back too. Returns (offered, devices without a previous published
+    firmware)."""
     done = UpdateSession.objects.filter(
-        rollout=rollout, is_rollback=False, status=SessionStatus.SUCCESS
+        rollout=rollout,
+        is_rollback=False,
+        device__current_version_key=rollout.firmware.version_key,
     )
     if device_ids is not None:
         done = done.filter(device_id__in=list(device_ids))
@@ -305,12 +316,14 @@ def offer_rollback_if_rolled_back(session: UpdateSession) -> None:
 
 
 def due_rollout_ids(now: datetime | None = None) -> list[Any]:
-    """Rollouts the periodic evaluation looks at: running ones, and scheduled ones now due."""
+    """Rollouts the periodic evaluation looks at: running ones, scheduled ones now due, and
+    ones rolled back within the last day (stragglers still get their rollback)."""
     now = now or timezone.now()
     return list(
         Rollout.objects.filter(
             Q(status__in=[RolloutStatus.ACTIVE, RolloutStatus.PAUSED])
             | Q(status=RolloutStatus.SCHEDULED, start_at__lte=now)
+            | Q(status=RolloutStatus.ROLLED_BACK, completed_at__gte=now - ROLLBACK_SWEEP)
         ).values_list("id", flat=True)
     )
 

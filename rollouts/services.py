@@ -111,6 +111,10 @@ def validate_session(
     with transaction.atomic():
         session = _locked_session(device_id, session_uuid)
         if session.status in FINISHED_STATUSES:
+            # The session stays as it ended, but which version the device runs is a fact: a
+            # device that kept installing after its session was cancelled does run it.
+            if running_version:
+                _note_running_version(device_id, running_version)
             return ReportResult(session, applied=False)
         expected = session.firmware.version
         if success and running_version and not _same_version(running_version, expected):
@@ -142,6 +146,13 @@ def cancel_session(session_id: int, *, reason: str, actor: Any = None) -> bool:
             session, EventKind.SESSION_CANCELLED, actor=actor_of(actor), extra={"reason": reason}
         )
     return True
+
+
+def _note_running_version(device_id: Any, version: str) -> None:
+    device = Device.objects.filter(pk=device_id).first()
+    if device is not None and device.current_version != version:
+        device.set_current_version(version)
+        device.save(update_fields=["current_version", "current_version_key", "updated_at"])
 
 
 def _same_version(a: str, b: str) -> bool:

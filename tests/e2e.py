@@ -8,10 +8,12 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import psycopg
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,6 +94,51 @@ def gunicorn(env: dict[str, str], workers: int = 2) -> Iterator[str]:
         process.send_signal(signal.SIGTERM)
         try:
             process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+@contextmanager
+def fresh_database() -> Iterator[str]:
+    """A new, empty PostgreSQL database for server processes; dropped afterwards."""
+    base = os.environ.get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/ota")
+    name = f"ota_e2e_{uuid.uuid4().hex[:10]}"
+    admin_url = base.rsplit("/", 1)[0] + "/postgres"
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield base.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextmanager
+def celery_worker(env: dict[str, str], *, beat: bool = True) -> Iterator[subprocess.Popen[bytes]]:
+    """A real Celery worker (with beat inside it), on the broker the environment names."""
+    log = open(Path(env["OTA_VAR_DIR"]) / "celery.log", "w")  # noqa: SIM115
+    args = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "ota_site",
+        "worker",
+        "--pool=solo",
+        "--loglevel=INFO",
+        "-Q",
+        env.get("CELERY_QUEUE", "ota"),
+    ]
+    if beat:
+        args += ["-B", "-s", str(Path(env["OTA_VAR_DIR"]) / "beat-schedule")]
+    process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        yield process
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
         except subprocess.TimeoutExpired:
             process.kill()
         log.close()

@@ -10,11 +10,10 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
 import requests
 
-from tests.e2e import gunicorn, manage, server_env
+from tests.e2e import fresh_database, gunicorn, manage, server_env
 
 pytestmark = pytest.mark.e2e
 
@@ -185,16 +184,8 @@ def test_embedded_mode_needs_no_service(tmp_path: Path) -> None:
 
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
-    base = os.environ.get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/ota")
-    name = f"ota_e2e_{uuid.uuid4().hex[:10]}"
-    admin_url = base.rsplit("/", 1)[0] + "/postgres"
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield base.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with psycopg.connect(admin_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_database() as url:
+        yield url
 
 
 def test_production_mode_on_postgres_and_redis(tmp_path: Path, postgres_url: str) -> None:

@@ -448,3 +448,53 @@ def test_two_workers_evaluating_at_once_advance_once() -> None:
     assert rollout.current_stage == 1, results
     assert results.count("advanced") == 1
     assert Event.objects.filter(rollout_id=rollout.id, kind="rollout.advanced").count() == 1
+
+
+# --- manage.py rollout ----------------------------------------------------------------------
+
+
+def test_the_rollout_command(v2: Firmware, capsys: Any) -> None:
+    import json
+
+    from django.core.management import CommandError, call_command
+
+    fleet(10)
+    call_command(
+        "rollout",
+        "--json",
+        "create",
+        "--name",
+        "cli",
+        "--firmware",
+        "board-a:1.1.0",
+        "--stages",
+        "10:60,100",
+        "--metadata",
+        "k=v",
+        "--start",
+    )
+    created = json.loads(capsys.readouterr().out)
+    assert created["status"] == "active" and created["firmware"] == "board-a:1.1.0"
+    rollout = Rollout.objects.get(pk=created["id"])
+    assert rollout.metadata_filters == {"k": "v"} and rollout.stages.count() == 2
+    call_command("rollout", "pause", created["id"], "--reason", "checking")
+    assert "paused" in capsys.readouterr().out
+    call_command("rollout", "--json", "metrics", created["id"])
+    assert json.loads(capsys.readouterr().out)["status"] == "paused"
+    call_command("rollout", "list")
+    assert "cli" in capsys.readouterr().out
+    with pytest.raises(CommandError, match="cannot be paused"):
+        call_command("rollout", "pause", created["id"])
+    with pytest.raises(CommandError, match="No firmware"):
+        call_command("rollout", "create", "--name", "x", "--firmware", "board-a:9.9.9")
+    with pytest.raises(CommandError, match="increase"):
+        call_command(
+            "rollout", "create", "--name", "x", "--firmware", "board-a:1.1.0", "--stages", "50,10"
+        )
+    with pytest.raises(CommandError, match="No device group"):
+        call_command(
+            "rollout", "create", "--name", "x", "--firmware", "board-a:1.1.0", "--group", "nope"
+        )
+    assert Event.objects.filter(rollout_id=rollout.id, kind="rollout.paused").get().actor == (
+        "manage.py rollout"
+    )
