@@ -22,7 +22,7 @@ TESTENV  := DATABASE_URL=$(TEST_DATABASE_URL) DATABASE_TEST_NAME=$(TEST_DB_NAME)
 # Real tools the tests drive, from Debian (as root, which this machine's sessions and CI are).
 DEBIAN_PACKAGES := libubootenv-tool
 
-.PHONY: install debian-packages demo serve test lint format clean
+.PHONY: install debian-packages demo serve test bench lint format clean
 
 $(STAMP):
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,9 @@ serve: install
 test: install debian-packages
 	$(EMBEDDED) OTA_VAR_DIR=$(CURDIR)/var/test $(PY) manage.py makemigrations --check --dry-run
 	$(TESTENV) $(PY) -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
+
+bench: install
+	$(TESTENV) $(PY) tests/bench/bench_rollouts.py
 
 lint: install
 	$(VENV)/bin/ruff format --check .

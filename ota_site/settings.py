@@ -232,11 +232,15 @@ STATIC_ROOT = env.str("STATIC_ROOT", default=str(VAR_DIR / "static"))
 STATIC_URL = "/static/"
 Path(STATIC_ROOT).mkdir(parents=True, exist_ok=True)  # whitenoise expects it at start-up
 STATICFILES_DIRS = [BASE_DIR / "static"]
+# Hashed, compressed static files once `collectstatic` has run (make demo, the Docker image);
+# before that, whitenoise serves them straight from the apps so pages still work.
+_collected = (Path(STATIC_ROOT) / "staticfiles.json").is_file()
 _static_backend = (
     "whitenoise.storage.CompressedManifestStaticFilesStorage"
-    if _typed("bool", "STATIC_MANIFEST", not DEBUG)
+    if _typed("bool", "STATIC_MANIFEST", _collected)
     else "django.contrib.staticfiles.storage.StaticFilesStorage"
 )
+WHITENOISE_USE_FINDERS = not _collected
 if STORAGE == "s3":
     AWS_STORAGE_BUCKET_NAME = env.str("AWS_STORAGE_BUCKET_NAME", default="")
     AWS_S3_ENDPOINT_URL = env.str("AWS_S3_ENDPOINT_URL", default=None)

@@ -64,6 +64,7 @@ def test_equal_versions(a: str, b: str) -> None:
         "1.0-ü",
         "x" * 65,
         "1.2.3\n",
+        "\uff11.\u0660.0",  # non-ASCII digits
     ],
 )
 def test_invalid_versions(text: str) -> None:

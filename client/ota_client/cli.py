@@ -1,0 +1,145 @@
+"""``ota-client``: the device client's command line (docs/client.md).
+
+    ota-client run    --config FILE   poll and update forever (the systemd service)
+    ota-client once   --config FILE   one cycle: step until idle, offline, or waiting for a reboot
+    ota-client status --config FILE   print the state as JSON
+    ota-client simulate --devices N --server URL --enrollment-token T --device-type T ...
+                                      a fleet of virtual devices in threads (ota_client.simulate)
+
+With the file backend a "reboot" is the simulated bootloader's ``boot()``, which returns, so
+``once`` can go through a whole update, trial boot and validation included.
+
+Exit codes of ``once``: 0 idle (up to date, or an update finished) or rebooting; 2 configuration
+error; 69 the server refused us (EX_UNAVAILABLE); 75 the server is unreachable (EX_TEMPFAIL).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from types import FrameType
+
+from ota_client import __version__, simulate
+from ota_client.agent import Agent, Outcome
+from ota_client.config import Config, ConfigError
+
+EXIT_CONFIG = 2
+EXIT_REFUSED = 69
+EXIT_OFFLINE = 75
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="the client's TOML configuration file")
+    parser.add_argument("--server", help="override: the server's base URL")
+    parser.add_argument("--state-dir", help="override: where the client keeps its state")
+    parser.add_argument("--hardware-id", help="override: this device's hardware id")
+    parser.add_argument("--enrollment-token", help="override: the enrollment token")
+    parser.add_argument(
+        "--bandwidth-limit", type=int, help="override: download limit in bytes/s (0: none)"
+    )
+    parser.add_argument("--poll-interval", type=float, help="override: seconds between polls")
+
+
+def load_config(args: argparse.Namespace) -> Config:
+    return Config.load(
+        args.config,
+        server=args.server,
+        state_dir=args.state_dir,
+        hardware_id=args.hardware_id,
+        enrollment_token=args.enrollment_token,
+        bandwidth_limit=args.bandwidth_limit,
+        poll_interval=args.poll_interval,
+    )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    agent = Agent(load_config(args))
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        logging.getLogger(__name__).info("signal %s: stopping after this step", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    agent.run_forever(stop)
+    return 0
+
+
+def cmd_once(args: argparse.Namespace) -> int:
+    agent = Agent(load_config(args))
+    result = agent.run_once()
+    print(json.dumps({"outcome": result.outcome.value, "detail": result.detail}))
+    if result.outcome is Outcome.OFFLINE:
+        return EXIT_OFFLINE
+    if result.outcome is Outcome.ERROR:
+        return EXIT_REFUSED
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    agent = Agent(load_config(args))
+    print(json.dumps(agent.status(), indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    return simulate.main(args)
+
+
+# Subcommands by name. `simulate` runs N virtual devices on this client code: agents are
+# independent objects (own Config, state_dir, FileSystemInterface, health check and reboot
+# hook), so many run in threads.
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "run": cmd_run,
+    "once": cmd_once,
+    "status": cmd_status,
+    "simulate": cmd_simulate,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ota-client", description="Device client for the OTA update server."
+    )
+    parser.add_argument("--version", action="version", version=f"ota-client {__version__}")
+    parser.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_config_arguments(
+        commands.add_parser("run", help="poll for updates and install them, forever")
+    )
+    add_config_arguments(
+        commands.add_parser("once", help="one cycle: until idle or waiting for a reboot")
+    )
+    add_config_arguments(commands.add_parser("status", help="print the client's state as JSON"))
+    simulate.add_arguments(
+        commands.add_parser(
+            "simulate", help="run N virtual devices against a server (docs/client.md)"
+        )
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as exc:
+        print(f"ota-client: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+if __name__ == "__main__":
+    sys.exit(main())
