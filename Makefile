@@ -6,6 +6,7 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml client/pyproject.toml | 
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 DEMO_DEVICES ?= 200
+SIM_DEVICES  ?= 20
 
 # The test suite runs against the real PostgreSQL and Redis of this machine.
 TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/ota
@@ -22,7 +23,7 @@ TESTENV  := DATABASE_URL=$(TEST_DATABASE_URL) DATABASE_TEST_NAME=$(TEST_DB_NAME)
 # Real tools the tests drive, from Debian (as root, which this machine's sessions and CI are).
 DEBIAN_PACKAGES := libubootenv-tool
 
-.PHONY: install debian-packages demo serve test bench lint format clean
+.PHONY: install debian-packages demo serve serve-demo test bench lint format clean
 
 $(STAMP):
 	$(PYTHON) -m venv $(VENV)
@@ -44,8 +45,22 @@ debian-packages:
 demo: install
 	$(EMBEDDED) $(PY) manage.py migrate --noinput
 	$(EMBEDDED) $(PY) manage.py collectstatic --noinput --verbosity 0
-	$(EMBEDDED) $(PY) manage.py demo_setup --host $(HOST) --port $(PORT) --devices $(DEMO_DEVICES)
-	$(MAKE) --no-print-directory serve
+	$(EMBEDDED) $(PY) manage.py demo_setup --host $(HOST) --port $(PORT) --devices $(DEMO_DEVICES) \
+		--sim-token-file var/demo/sim-token
+	$(MAKE) --no-print-directory serve-demo
+
+# The whole embedded product in one terminal: the web server, a Celery worker with beat (the
+# rollout engine, on the filesystem broker) and a simulated fleet of $(SIM_DEVICES) devices.
+# Ctrl-C stops all three.
+serve-demo: install
+	@trap 'kill 0' INT TERM EXIT; \
+	$(EMBEDDED) $(VENV)/bin/celery -A ota_site worker -B --pool=solo --loglevel=WARNING \
+		-s var/demo/beat-schedule & \
+	( sleep 4; $(VENV)/bin/ota-client simulate --devices $(SIM_DEVICES) \
+		--server http://$(HOST):$(PORT) --enrollment-token-file var/demo/sim-token \
+		--device-type demo-board --state-dir var/demo/sim --poll-interval 5 --quiet ) & \
+	$(EMBEDDED) $(VENV)/bin/gunicorn ota_site.wsgi --bind $(HOST):$(PORT) --workers 2 \
+		--graceful-timeout 5 --no-control-socket
 
 serve: install
 	$(EMBEDDED) $(VENV)/bin/gunicorn ota_site.wsgi --bind $(HOST):$(PORT) --workers 2 \

@@ -60,7 +60,13 @@ def check_configuration(app_configs: Any = None, **kwargs: Any) -> list[checks.C
                     id="ota.E008",
                 )
             )
-    for name in ("DEVICE_LAST_SEEN_INTERVAL", "DEVICE_POLL_INTERVAL", "DEVICE_ONLINE_WINDOW"):
+    for name in (
+        "DEVICE_LAST_SEEN_INTERVAL",
+        "DEVICE_POLL_INTERVAL",
+        "DEVICE_ONLINE_WINDOW",
+        "ROLLOUT_EVALUATION_INTERVAL",
+        "ROLLOUT_CACHE_TIMEOUT",
+    ):
         if getattr(settings, name) <= 0:
             errors.append(checks.Error(f"{name} must be positive.", id="ota.E009"))
     return errors

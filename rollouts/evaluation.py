@@ -122,7 +122,9 @@ def evaluate_rollout(rollout_id: Any) -> str:
             return "started"
         if rollout.status == RolloutStatus.ROLLED_BACK:
             # Devices that finished installing after the rollback (or whose reports arrived
-            # late) are offered their previous firmware too; idempotent.
+            # late) are offered their previous firmware too; idempotent. Rollback sessions that
+            # hang time out like any other.
+            _time_out_sessions(rollout, now)
             offered, _ = _offer_rollbacks(rollout)
             return "rollbacks_offered" if offered else ""
         if rollout.status not in (RolloutStatus.ACTIVE, RolloutStatus.PAUSED):
@@ -165,12 +167,20 @@ def _judge(rollout: Rollout, now: datetime) -> str:
 
 
 def stage_population(rollout: Rollout, position: int, stages: list[RolloutStage]) -> int:
-    """Targeted devices whose bucket falls in this stage's new slice of the fleet."""
+    """Devices that take part in this stage: targeted, in its slice of the buckets, and either
+    already in a session of it or still able to get one (below the firmware's version and not
+    below its min_version). Devices that will never be offered it do not hold the stage up."""
     lower = bucket_limit(stages[position - 1].percentage) if position else 0
     devices = targeting.in_stage(
         targeting.targeted_devices(rollout), rollout, stages[position].percentage
+    ).filter(ota_bucket__gte=lower)  # type: ignore[misc]
+    joined = UpdateSession.objects.filter(
+        device=OuterRef("pk"), rollout=rollout, stage=position, is_rollback=False
     )
-    return devices.filter(ota_bucket__gte=lower).count()  # type: ignore[misc]
+    eligible = Q(current_version_key__lt=rollout.firmware.version_key)
+    if rollout.firmware.min_version:
+        eligible &= Q(current_version_key__gte=version_key(rollout.firmware.min_version))
+    return devices.filter(Q(Exists(joined)) | eligible).count()
 
 
 def remaining_devices(rollout: Rollout, percentage: int) -> int:

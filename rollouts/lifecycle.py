@@ -276,9 +276,19 @@ def _transition(
     locked = Rollout.objects.select_for_update().select_related("firmware").get(pk=rollout.pk)
     if locked.status not in allowed:
         raise StateConflict(
-            f"A {locked.status} rollout cannot be {action}.", code=f"cannot_{action.split()[0]}"
+            f"The rollout is {locked.status}; it cannot be {action}.",
+            code=f"cannot_{_VERBS[action]}",
         )
     return locked
+
+
+_VERBS = {
+    "started": "start",
+    "paused": "pause",
+    "resumed": "resume",
+    "cancelled": "cancel",
+    "advanced": "advance",
+}
 
 
 def start_rollout(rollout: Rollout, *, actor: Any = None) -> Rollout:
@@ -311,6 +321,13 @@ def pause_rollout(rollout: Rollout, *, actor: Any = None, reason: str = "") -> R
 def resume_rollout(rollout: Rollout, *, actor: Any = None) -> Rollout:
     with transaction.atomic():
         locked = _transition(rollout, allowed=[RolloutStatus.PAUSED], action="resumed")
+        if locked.current_stage is None:
+            # Paused before it ever started (a conflict at start_at): resuming is starting.
+            check_start_conflicts(locked)
+            now = timezone.now()
+            locked.current_stage = 0
+            locked.started_at = locked.stage_started_at = now
+            locked.stages.filter(position=0).update(start_time=now)
         locked.status = RolloutStatus.ACTIVE
         locked.status_reason = ""
         locked.save()

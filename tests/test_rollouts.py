@@ -498,3 +498,24 @@ def test_the_rollout_command(v2: Firmware, capsys: Any) -> None:
     assert Event.objects.filter(rollout_id=rollout.id, kind="rollout.paused").get().actor == (
         "manage.py rollout"
     )
+
+
+def test_devices_that_will_never_update_do_not_hold_a_stage_up(v2: Firmware) -> None:
+    waiting = fleet(3)
+    DeviceFactory.create(current_version="1.1.0")
+    DeviceFactory.create(current_version="1.1.0")
+    rollout = started(v2, 100, min_devices=10)
+    for device in waiting:
+        run_device(device)
+    assert evaluate(rollout) == "completed"
+
+
+def test_resuming_a_rollout_that_could_not_start_starts_it(v2: Firmware) -> None:
+    fleet(3)
+    rollout = lifecycle.create_rollout(
+        definition(v2, 100, start_at=timezone.now() + timedelta(minutes=1))
+    )
+    Rollout.objects.filter(pk=rollout.pk).update(status=RolloutStatus.PAUSED)
+    resumed = lifecycle.resume_rollout(rollout)
+    assert resumed.status == RolloutStatus.ACTIVE and resumed.current_stage == 0
+    assert resumed.started_at is not None

@@ -128,7 +128,8 @@ def ota_server(
         "--email",
         "client@example.com",
     )
-    with gunicorn(env, workers=4) as base:
+    # Enough workers for the 200-device fleet simulation (tests/client/test_simulate.py).
+    with gunicorn(env, workers=16) as base:
         firmware = {version: _upload(base, version) for version in IMAGES}
         reply = requests.post(
             f"{base}/api/v1/groups",

@@ -6,6 +6,7 @@ import hashlib
 import json
 import secrets
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from django.contrib.auth import get_user_model
@@ -20,6 +21,9 @@ from firmware import services as firmware_services
 from firmware.models import Firmware
 from ota_site.errors import ServiceError, StateConflict
 from ota_site.versions import Version
+from rollouts import lifecycle
+from rollouts.lifecycle import Definition, StageSpec
+from rollouts.models import LIVE_ROLLOUT_STATUSES, Rollout
 
 ACTOR = "manage.py demo_setup"
 DEVICE_TYPE = "demo-board"
@@ -28,6 +32,8 @@ VERSIONS = ("1.0.0", "1.1.0", "1.2.0")
 LAB_TARGET = "1.2.0"
 IMAGE_SIZE = 256 * 1024
 FLEET_PREFIX = "demo-"
+SIM_GROUP = "simulated"
+SIM_ROLLOUT_VERSION = "1.1.0"
 
 
 def demo_image(version: str) -> bytes:
@@ -55,6 +61,12 @@ class Command(BaseCommand):
         parser.add_argument(
             "--json", action="store_true", help="Print the result as one JSON object."
         )
+        parser.add_argument(
+            "--sim-token-file",
+            help="Write an enrollment token for simulated devices (group 'simulated') to this "
+            "file, and start a staged rollout of 1.1.0 to that group, so `ota-client simulate` "
+            "shows a living fleet.",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         if options["devices"] < 0:
@@ -70,6 +82,11 @@ class Command(BaseCommand):
             lab = groups["lab"]
             if lab.target_version != LAB_TARGET:
                 device_services.update_group(lab, target_version=LAB_TARGET, actor=ACTOR)
+            simulated = (
+                self._simulated_fleet(Path(options["sim_token_file"]), firmware)
+                if options["sim_token_file"]
+                else ""
+            )
         except ServiceError as exc:
             raise CommandError(exc.detail) from exc
 
@@ -92,6 +109,7 @@ class Command(BaseCommand):
                 "devices_created": fleet_created,
                 "devices_total": fleet_total,
                 "lab_target_version": LAB_TARGET,
+                "simulated_fleet": simulated,
             }
             self.stdout.write(json.dumps(result))
             return
@@ -110,6 +128,47 @@ class Command(BaseCommand):
         else:
             self.stdout.write(f"Demo fleet: {fleet_total} devices exist already; left as they are.")
         self.stdout.write(f"Group lab targets {LAB_TARGET}.")
+        if simulated:
+            self.stdout.write(simulated)
+
+    def _simulated_fleet(self, token_file: Path, firmware: list[Firmware]) -> str:
+        """A token for simulated devices, and a rollout of 1.1.0 to them (unless one is live)."""
+        group = DeviceGroup.objects.filter(name=SIM_GROUP).first() or device_services.create_group(
+            name=SIM_GROUP, description="Devices of `ota-client simulate` (make demo).", actor=ACTOR
+        )
+        _, plaintext = device_services.create_enrollment_token(
+            name="simulated fleet", device_type=DEVICE_TYPE, group=group, actor=ACTOR
+        )
+        token_file.parent.mkdir(parents=True, exist_ok=True)
+        token_file.write_text(plaintext)
+        token_file.chmod(0o600)
+        live = Rollout.objects.filter(
+            status__in=LIVE_ROLLOUT_STATUSES, target_groups=group
+        ).exists()
+        target = next(fw for fw in firmware if fw.version == SIM_ROLLOUT_VERSION)
+        if not live:
+            rollout = lifecycle.create_rollout(
+                Definition(
+                    name=f"{DEVICE_TYPE} {SIM_ROLLOUT_VERSION} to the simulated fleet",
+                    firmware=target,
+                    target_groups=[group],
+                    stages=[
+                        StageSpec("canary", 10, 20),
+                        StageSpec("half", 50, 20),
+                        StageSpec("all", 100),
+                    ],
+                    min_devices=2,
+                    rollback_threshold=0.3,
+                    success_threshold=0.8,
+                    device_timeout=600,
+                ),
+                actor=ACTOR,
+            )
+            lifecycle.start_rollout(rollout, actor=ACTOR)
+        return (
+            f"Simulated fleet: token in {token_file}; rollout of {SIM_ROLLOUT_VERSION} to group "
+            f"{SIM_GROUP!r} {'running' if live else 'started'}."
+        )
 
     def _admin_user(self) -> str:
         password = secrets.token_urlsafe(12)
