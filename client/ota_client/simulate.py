@@ -225,7 +225,8 @@ class VirtualDevice:
             poll_interval=options.poll_interval,
             min_backoff=options.poll_interval,
             max_backoff=max(options.poll_interval * 8, options.poll_interval),
-            progress_interval=max(options.poll_interval, 1.0),
+            # Download progress reports are for operators; a fleet sends few of them.
+            progress_interval=max(options.poll_interval * 10, 5.0),
             trusted_keys=options.trusted_keys,
             trust_on_first_use=options.trusted_keys is None,
         ).with_overrides()
