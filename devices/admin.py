@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from datetime import timedelta
 from typing import Any
@@ -14,12 +13,12 @@ from django.db.models import Count, F, Q, QuerySet
 from django.http import HttpRequest
 from django.urls import reverse
 from django.utils import timezone
-from django.utils.html import format_html, format_html_join
+from django.utils.html import format_html
 from django.utils.http import urlencode
 
 from devices import services
 from devices.models import Device, DeviceGroup, EnrollmentToken
-from ota_site.admin import ServiceModelAdmin, adopt, uuid_or_none
+from ota_site.admin import ServiceModelAdmin, adopt, events_table, uuid_or_none
 from ota_site.errors import ServiceError
 from ota_site.models import Event
 from ota_site.validators import device_type_validator, validate_metadata, validate_version
@@ -230,26 +229,11 @@ class DeviceAdmin(ServiceModelAdmin):
 
     @admin.display(description="Recent events")
     def recent_events(self, device: Device) -> str:
-        events = Event.objects.filter(device_id=device.id).order_by("-id")[:20]
-        rows = format_html_join(
-            "",
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            (
-                (
-                    event.created_at.isoformat(timespec="seconds"),
-                    event.kind,
-                    event.actor,
-                    json.dumps(event.data, sort_keys=True)[:200],
-                )
-                for event in events
-            ),
+        return events_table(
+            Event.objects.filter(device_id=device.id).order_by("-id")[:20],
+            filters={"device_id": str(device.id)},
+            label="All events of this device",
         )
-        url = (
-            reverse("admin:ota_site_event_changelist")
-            + "?"
-            + urlencode({"device_id": str(device.id)})
-        )
-        return format_html('<table>{}</table><a href="{}">All events of this device</a>', rows, url)
 
     def get_search_results(
         self, request: HttpRequest, queryset: QuerySet[Device], search_term: str

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Iterable
 from typing import Any
 
 from django.contrib import admin, messages
@@ -16,7 +17,8 @@ from django.db import models
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.urls import reverse
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
+from django.utils.http import urlencode
 
 from ota_site.errors import ServiceError
 from ota_site.models import Event
@@ -158,3 +160,22 @@ class EventAdmin(admin.ModelAdmin):
         if term.isdigit() and len(term) <= 18:  # fits a bigint
             return queryset.filter(models.Q(session_id=int(term)) | models.Q(pk=int(term))), False
         return super().get_search_results(request, queryset, search_term)
+
+
+def events_table(events: Iterable[Event], *, filters: dict[str, str], label: str) -> str:
+    """A small table of events with a link to all of them in the event log's changelist."""
+    rows = format_html_join(
+        "",
+        "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+        (
+            (
+                event.created_at.isoformat(timespec="seconds"),
+                event.kind,
+                event.actor,
+                json.dumps(event.data, sort_keys=True)[:200],
+            )
+            for event in events
+        ),
+    )
+    url = reverse("admin:ota_site_event_changelist") + "?" + urlencode(filters)
+    return format_html('<table>{}</table><a href="{}">{}</a>', rows, url, label)

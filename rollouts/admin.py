@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import Any
 
 from django.contrib import admin, messages
 from django.db.models import Count, Q, QuerySet
 from django.http import HttpRequest
-from django.urls import reverse
-from django.utils.html import format_html, format_html_join
-from django.utils.http import urlencode
 
-from ota_site.admin import uuid_or_none
+from ota_site.admin import events_table, uuid_or_none
 from ota_site.errors import ServiceError
 from ota_site.models import Event
 from rollouts import lifecycle, services
@@ -189,25 +185,10 @@ class UpdateSessionAdmin(admin.ModelAdmin):
 
     @admin.display(description="Events")
     def session_events(self, session: UpdateSession) -> str:
-        events = Event.objects.filter(session_id=session.id).order_by("id")[:50]
-        rows = format_html_join(
-            "",
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            (
-                (
-                    event.created_at.isoformat(timespec="seconds"),
-                    event.kind,
-                    event.actor,
-                    json.dumps(event.data, sort_keys=True)[:200],
-                )
-                for event in events
-            ),
-        )
-        url = (
-            reverse("admin:ota_site_event_changelist") + "?" + urlencode({"session_id": session.id})
-        )
-        return format_html(
-            '<table>{}</table><a href="{}">All events of this session</a>', rows, url
+        return events_table(
+            Event.objects.filter(session_id=session.id).order_by("id")[:50],
+            filters={"session_id": str(session.id)},
+            label="All events of this session",
         )
 
     def get_search_results(

@@ -42,7 +42,7 @@ the committed slot are never written, and a trial is cancelled before its slot i
 at every instant the next boot starts a complete image: the committed one, or the new one on
 trial, which the bootloader abandons after ``trial_boots`` boots without a commit.
 
-Reports go through the outbox (``ota_client.outbox``): the device keeps installing, rebooting and
+Reports go through the outbox and ``ota_client.link``: the device keeps installing, rebooting and
 validating without the server and delivers the reports, in order, when it can.
 
 Threads: an Agent holds no global state. ``ota-client simulate`` can run many in one process, each
@@ -51,23 +51,21 @@ with its own Config, state_dir, FileSystemInterface, health check and reboot fun
 
 from __future__ import annotations
 
-import enum
 import logging
 import os
 import random
 import threading
 import time
-from collections.abc import Callable, MutableMapping
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable
 
-from ota_client import __version__, faults
+from ota_client import faults
 from ota_client.api import Offline, Refused, ServerClient
 from ota_client.config import Config, make_system
 from ota_client.downloader import Downloader, DownloadRejected, ResumePoint
 from ota_client.health import HealthCheck, command_health_check
-from ota_client.outbox import STATUS, Outbox, Report
+from ota_client.link import ServerLink
+from ota_client.outbox import Outbox
+from ota_client.outcome import DeviceLog, Outcome, StepResult
 from ota_client.state import (
     ARMED,
     COMMITTED,
@@ -80,50 +78,24 @@ from ota_client.state import (
     VALIDATING,
     State,
 )
-from ota_client.system import SystemInterface
+from ota_client.system import SystemInterface, fsync_dir
 from ota_client.verifier import (
     Offer,
     VerificationError,
-    keys_from_server,
-    load_trusted_keys,
-    save_trusted_keys,
     verify_image,
     verify_offer,
 )
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["Agent", "Outcome", "StepResult"]
+
 # A slot that does not read back what was written is rewritten this many times in all.
 INSTALL_ATTEMPTS = 2
 # One run_once() never takes more steps than this: a whole update is about a dozen.
 MAX_STEPS = 100
-FINISHED = ("success", "failed", "cancelled")
 
 RebootHook = Callable[[], bool]
-
-
-class Outcome(enum.Enum):
-    PROGRESS = "progress"  # a step was taken; call step() again
-    IDLE = "idle"  # nothing to do until the next poll
-    OFFLINE = "offline"  # the server could not be reached; try again after a backoff
-    ERROR = "error"  # the server refused us (not enrolled, ...); try again after a backoff
-    REBOOTING = "rebooting"  # a real reboot was requested; the process is about to end
-
-
-@dataclass(frozen=True)
-class StepResult:
-    outcome: Outcome
-    detail: str = ""
-    retry_after: float | None = None
-
-
-class _Prefixed(logging.LoggerAdapter[logging.Logger]):
-    """Prefixes messages with the device, so the logs of many simulated devices can be told
-    apart."""
-
-    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, Any]:
-        device = self.extra["device"] if self.extra else "?"
-        return f"[{device}] {msg}", kwargs
 
 
 class _SessionClosed(Exception):
@@ -165,10 +137,8 @@ class Agent:
         self.sleep = sleep
         self.rng = rng or random.Random()  # noqa: S311 (jitter, not cryptography)
         self.poll_interval = config.poll_interval
-        self.log = _Prefixed(logger, {"device": config.hardware_id})
-        self._unreachable = False  # the server failed once in this cycle: stop trying
-        self._heartbeat_done = False
-        self._session_closed: str | None = None
+        self.log = DeviceLog(logger, {"device": config.hardware_id})
+        self.link = ServerLink(config, self.server, self.outbox, self.log)
 
     # --- Public API -----------------------------------------------------------------------------
 
@@ -197,7 +167,7 @@ class Agent:
 
     def run_once(self) -> StepResult:
         """Step until the agent is idle, offline, or waiting for a real reboot."""
-        self._unreachable = False
+        self.link.new_cycle()
         for _ in range(MAX_STEPS):
             result = self.step()
             if result.outcome is not Outcome.PROGRESS:
@@ -236,20 +206,6 @@ class Agent:
     def jittered(self, interval: float) -> float:
         spread = interval * self.config.poll_jitter
         return max(1.0, interval + self.rng.uniform(-spread, spread))
-
-    def status(self) -> dict[str, Any]:
-        env = self.system.read_env()
-        return {
-            "state": self.state.to_dict(),
-            "booted_slot": self.system.booted_slot(),
-            "running_version": self.running_version(),
-            "boot_env": {
-                "ota_active": env.active,
-                "ota_trial": env.trial,
-                "ota_trial_left": env.trial_left,
-            },
-            "queued_reports": [{"kind": r.kind, **r.body} for r in self.outbox.pending()],
-        }
 
     # --- Steps ----------------------------------------------------------------------------------
 
@@ -318,7 +274,7 @@ class Agent:
         self.state.download_attempts = 1
         self.state.install_attempts = 0
         self.state.failure = None
-        self._session_closed = None
+        self.link.session_closed = None
         self._enter(DOWNLOADING)
         self.outbox.add_status(offer.session_id, "downloading", progress=0)
         self._flush_best_effort()
@@ -358,7 +314,7 @@ class Agent:
             self._save()
             return StepResult(Outcome.PROGRESS)
         os.replace(self.part_path, self.image_path)
-        _fsync_dir(self.image_path.parent)
+        fsync_dir(self.image_path.parent)
         self.log.info("downloaded and verified %s (%s bytes)", offer.version, offer.size)
         self._enter(DOWNLOADED)
         return StepResult(Outcome.PROGRESS)
@@ -366,8 +322,8 @@ class Agent:
     def _step_downloaded(self) -> StepResult:
         offer = self._offer()
         self._flush_best_effort()
-        if self._session_closed:
-            return self._abandon(self._session_closed)
+        if self.link.session_closed:
+            return self._abandon(self.link.session_closed)
         problem = self._target_problem()
         if problem:
             return self._fail(problem)
@@ -564,8 +520,8 @@ class Agent:
             return StepResult(Outcome.REBOOTING, why)
         # A simulated device is now the freshly booted system: a new process would know
         # nothing of this one's connection troubles.
-        self._unreachable = False
-        self._heartbeat_done = False
+        self.link.unreachable = False
+        self.link.heartbeat_done = False
         return StepResult(Outcome.PROGRESS)
 
     def _target_problem(self) -> str | None:
@@ -613,79 +569,26 @@ class Agent:
     def _download_progress(self, offer: Offer, done: int) -> None:
         self.outbox.add_status(offer.session_id, "downloading", progress=done * 100 // offer.size)
         self._flush_best_effort()
-        if self._session_closed:
-            raise _SessionClosed(self._session_closed)
+        if self.link.session_closed:
+            raise _SessionClosed(self.link.session_closed)
 
     def _trusted_keys(self) -> dict[str, str]:
-        path = self.config.trusted_keys_path
-        keys = load_trusted_keys(path)
-        if not keys and self.config.trust_on_first_use and not path.exists():
-            fetched = keys_from_server(self.server.public_keys())
-            if fetched:
-                self.log.warning(
-                    "trusting the server's signing keys on first use: %s", ", ".join(fetched)
-                )
-                save_trusted_keys(path, fetched)
-            keys = fetched
-        return keys
+        return self.link.trusted_keys()
 
     def _heartbeat(self) -> None:
         version = self.running_version()
-        if self._heartbeat_done and self.state.reported_version == version:
-            return
-        metadata = {
-            **self.config.metadata,
-            "ota_slot": self.system.booted_slot(),
-            "ota_client": __version__,
-        }
-        try:
-            self.server.heartbeat(version, metadata)
-        except Refused as exc:
-            # Not a reason to stop updating (bad metadata in the config, say); say it once.
-            self.log.warning("the server refused the heartbeat: %s", exc)
-        self._heartbeat_done = True
-        if self.state.reported_version != version:
+        sent = self.link.heartbeat(version, self.system.booted_slot(), self.state.reported_version)
+        if sent and self.state.reported_version != version:
             self.state.reported_version = version
             self._save()
 
-    # --- Reports --------------------------------------------------------------------------------
-
-    def _send_report(self, report: Report) -> dict[str, Any]:
-        if report.kind == STATUS:
-            return self.server.report_status(report.body)
-        return self.server.report_validation(report.body)
-
     def _flush(self) -> None:
         """Send the queued reports; raises Offline when the server cannot take them now."""
-        result = self.outbox.flush(self._send_report)
-        current = self.state.offer.get("session_id") if self.state.offer else None
-        for report, reply in result.sent:
-            session = reply.get("session") if isinstance(reply, dict) else None
-            status = session.get("status") if isinstance(session, dict) else None
-            if (
-                report.session_id == current
-                and status in FINISHED
-                and self.state.phase in (DOWNLOADING, DOWNLOADED)
-            ):
-                self._session_closed = f"the server reports session {current} as {status}"
+        self.link.flush(*self._report_context())
 
     def _flush_best_effort(self) -> None:
-        if self._unreachable or not len(self.outbox):
-            return
-        try:
-            self._flush()
-        except Offline as exc:
-            # Keep working without the server; the reports wait in the outbox.
-            self._unreachable = True
-            self.log.info("reports stay queued (%s): %s", len(self.outbox), exc)
-        except Refused as exc:
-            self._unreachable = True
-            self.log.warning("reports stay queued: %s", exc)
+        self.link.flush_best_effort(*self._report_context())
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    def _report_context(self) -> tuple[str | None, bool]:
+        current = self.state.offer.get("session_id") if self.state.offer else None
+        return current, self.state.phase in (DOWNLOADING, DOWNLOADED)

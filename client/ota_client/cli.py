@@ -23,6 +23,7 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from types import FrameType
+from typing import Any
 
 from ota_client import __version__, simulate
 from ota_client.agent import Agent, Outcome
@@ -84,7 +85,7 @@ def cmd_once(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     agent = Agent(load_config(args))
-    print(json.dumps(agent.status(), indent=2, sort_keys=True))
+    print(json.dumps(agent_status(agent), indent=2, sort_keys=True))
     return 0
 
 
@@ -139,6 +140,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"ota-client: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+
+
+def agent_status(agent: Agent) -> dict[str, Any]:
+    """What `ota-client status` prints: the persisted state and the device's boot facts."""
+    env = agent.system.read_env()
+    return {
+        "state": agent.state.to_dict(),
+        "booted_slot": agent.system.booted_slot(),
+        "running_version": agent.running_version(),
+        "boot_env": {
+            "ota_active": env.active,
+            "ota_trial": env.trial,
+            "ota_trial_left": env.trial_left,
+        },
+        "queued_reports": [{"kind": r.kind, **r.body} for r in agent.outbox.pending()],
+    }
 
 
 if __name__ == "__main__":
