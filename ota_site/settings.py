@@ -289,6 +289,8 @@ DEVICE_METADATA_MAX_BYTES = _typed("int", "DEVICE_METADATA_MAX_BYTES", 16 * 1024
 # --- Rollouts --------------------------------------------------------------------------------
 ROLLOUT_EVALUATION_INTERVAL = _typed("float", "ROLLOUT_EVALUATION_INTERVAL", 5.0)  # seconds
 ROLLOUT_CACHE_TIMEOUT = _typed("int", "ROLLOUT_CACHE_TIMEOUT", 10)  # live rollouts seen by polls
+# Device counts in rollout metrics (a scan of the targeted fleet) are reused this long.
+ROLLOUT_METRICS_CACHE_TIMEOUT = _typed("int", "ROLLOUT_METRICS_CACHE_TIMEOUT", 30)
 CELERY_BEAT_SCHEDULE = {
     "evaluate-active-rollouts": {
         "task": "rollouts.tasks.evaluate_active_rollouts",

@@ -16,12 +16,14 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from django.conf import settings
 from django.db import transaction
 from django.db.models import Count, Exists, OuterRef, Q
 from django.utils import timezone
 
 from devices.models import Device, DeviceStatus
 from firmware.models import Firmware
+from ota_site import cache
 from ota_site.errors import StateConflict
 from ota_site.models import EventKind
 from ota_site.versions import version_key
@@ -71,10 +73,13 @@ class StageStats:
         return self.failed / self.finished if self.finished else 0.0
 
 
-def stage_stats(rollout: Rollout, stage: int) -> StageStats:
+def stage_stats(rollout: Rollout, stage: int | None) -> StageStats:
+    """Counts of one stage's sessions, or of the whole rollout's with ``stage=None``."""
+    sessions = UpdateSession.objects.filter(rollout=rollout, is_rollback=False)
+    if stage is not None:
+        sessions = sessions.filter(stage=stage)
     rows = dict(
-        UpdateSession.objects.filter(rollout=rollout, stage=stage, is_rollback=False)
-        .order_by()  # no default ordering in a GROUP BY
+        sessions.order_by()  # no default ordering in a GROUP BY
         .values("status")
         .annotate(n=Count("id"))
         .values_list("status", "n")
@@ -140,6 +145,20 @@ def _judge(rollout: Rollout, now: datetime) -> str:
     position = rollout.current_stage or 0
     stage = stages[position]
     stats = stage_stats(rollout, position)
+    if position:
+        # Devices of earlier stages still finish (late reports, timeouts): their failures count
+        # too, over the whole rollout.
+        overall = stage_stats(rollout, None)
+        if (
+            overall.finished >= rollout.min_devices
+            and overall.failure_rate > rollout.rollback_threshold
+        ):
+            reason = (
+                f"{overall.failed} of {overall.finished} finished devices of the rollout failed "
+                f"({overall.failure_rate:.0%}), above the rollback threshold of "
+                f"{rollout.rollback_threshold:.0%}."
+            )
+            return _stop_for_failures(rollout, reason, now)
     required = rollout.min_devices
     if stats.finished < required:
         # A stage smaller than min_devices is judged once all of its devices have finished.
@@ -309,9 +328,14 @@ def _offer_rollbacks(rollout: Rollout, device_ids: Iterable[Any] | None = None) 
 
 
 def _insert(sessions: list[UpdateSession]) -> int:
-    # ignore_conflicts: a device that opened another session meanwhile keeps it.
+    """Insert; return how many rows were written. ignore_conflicts: a device that opened
+    another session meanwhile keeps it (and is not counted)."""
+    if not sessions:
+        return 0
+    rollback = UpdateSession.objects.filter(rollout=sessions[0].rollout, is_rollback=True)
+    before = rollback.count()
     UpdateSession.objects.bulk_create(sessions, ignore_conflicts=True)
-    return len(sessions)
+    return rollback.count() - before
 
 
 def offer_rollback_if_rolled_back(session: UpdateSession) -> None:
@@ -358,9 +382,15 @@ def rollout_metrics(rollout: Rollout) -> dict[str, Any]:
             "id", filter=Q(ota_bucket__gte=lower, ota_bucket__lt=upper)
         )
         lower = upper
-    populations = targeting.with_bucket(targeting.targeted_devices(rollout), rollout).aggregate(
-        targeted=Count("id"), **slices
-    )
+    # Counting the fleet is the expensive part (a scan of the targeted devices, ~6 s at 1M), and
+    # populations change slowly: they are cached briefly; session counts are always live.
+    key = f"rollout-populations:{rollout.id}:{rollout.current_stage}"
+    populations = cache.get(key)
+    if populations is cache.MISSING:
+        populations = targeting.with_bucket(targeting.targeted_devices(rollout), rollout).aggregate(
+            targeted=Count("id"), **slices
+        )
+        cache.set(key, populations, settings.ROLLOUT_METRICS_CACHE_TIMEOUT)
     result_stages = []
     for stage in stages:
         sessions = counts.get((stage.position, False), {})

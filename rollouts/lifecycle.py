@@ -68,7 +68,9 @@ class Definition:
 # --- Definition rules -------------------------------------------------------------------------
 
 
-def check_definition(definition: Definition, *, exclude: Rollout | None = None) -> None:
+def check_definition(
+    definition: Definition, *, exclude: Rollout | None = None, check_start: bool = True
+) -> None:
     """Refuse a definition that cannot run, with a clear reason; nothing is saved before this."""
     invalid = "invalid"
     if not definition.firmware.is_published:
@@ -93,7 +95,7 @@ def check_definition(definition: Definition, *, exclude: Rollout | None = None) 
         raise ServiceError("min_devices is at least 1.", code=invalid)
     if definition.device_timeout < 60:
         raise ServiceError("device_timeout is at least 60 seconds.", code=invalid)
-    if definition.start_at is not None and definition.start_at <= timezone.now():
+    if check_start and definition.start_at is not None and definition.start_at <= timezone.now():
         raise ServiceError("start_at is in the past.", code="start_in_past")
     low, high = definition.from_version_min, definition.from_version_max
     for text in (low, high):
@@ -231,7 +233,9 @@ def update_rollout(rollout: Rollout, changes: dict[str, Any], *, actor: Any = No
         for key, value in changes.items():
             setattr(definition, key, value)
         if locked.status == RolloutStatus.SCHEDULED:
-            check_definition(definition, exclude=locked)
+            # A start_at that has just passed is the engine's to act on, not a reason to refuse
+            # an unrelated change; a new start_at must lie ahead.
+            check_definition(definition, exclude=locked, check_start="start_at" in changes)
         else:
             check_definition_limits(definition)
         for key in RUNNING_CHANGES | {

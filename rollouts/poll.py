@@ -199,13 +199,16 @@ def _decide_assigned(
 
 
 def _decide_rollouts(device: Device, latest: _Latest | None) -> Offer:
-    waiting = False
+    # The first live rollout (oldest start) that targets the device decides for it, whether or
+    # not its stage has reached the device yet and even while it is paused: a device takes part
+    # in one rollout at a time.
     for spec in targeting.live_specs():
-        if spec["status"] != RolloutStatus.ACTIVE or not targeting.spec_matches(spec, device):
+        if not targeting.spec_matches(spec, device):
             continue
+        if spec["status"] != RolloutStatus.ACTIVE:
+            return Offer(firmware=None, reason="rollout_paused")
         if not targeting.spec_includes(spec, device.id):
-            waiting = True  # targeted, but its stage has not reached this device yet
-            continue
+            return Offer(firmware=None, reason="waiting_for_stage")
         if latest is not None and latest.rollout_id == uuid.UUID(spec["id"]):
             return Offer(firmware=None, reason=f"already_{latest.status}")
         # A rollout never downgrades: only the engine's rollback sessions do, on purpose.
@@ -218,7 +221,7 @@ def _decide_rollouts(device: Device, latest: _Latest | None) -> Offer:
             rollout_id=uuid.UUID(spec["id"]),
             stage=spec["stage"],
         )
-    return Offer(firmware=None, reason="waiting_for_stage" if waiting else "no_assignment")
+    return Offer(firmware=None, reason="no_assignment")
 
 
 def _ineligible(device: Device, firmware: PublishedFirmware, *, allow_downgrade: bool) -> str:

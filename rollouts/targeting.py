@@ -165,7 +165,23 @@ def spec_matches(spec: RolloutSpec, device: Device) -> bool:
         return False
     if spec["max_key"] and device.current_version_key > spec["max_key"]:
         return False
-    return all(device.metadata.get(k) == v for k, v in spec["metadata_filters"].items())
+    return all(
+        json_equal(device.metadata.get(key, _ABSENT), value)
+        for key, value in spec["metadata_filters"].items()
+    )
+
+
+_ABSENT = object()
+
+
+def json_equal(actual: Any, wanted: Any) -> bool:
+    """Equality as the database compares JSON values: a string only equals a string, a boolean
+    only a boolean, and numbers by value (1 == 1.0), so the poll and the SQL counts agree."""
+    if isinstance(wanted, bool) or isinstance(actual, bool):
+        return isinstance(actual, bool) and isinstance(wanted, bool) and actual is wanted
+    if isinstance(wanted, int | float):
+        return isinstance(actual, int | float) and actual == wanted
+    return isinstance(actual, str) and isinstance(wanted, str) and actual == wanted
 
 
 def spec_includes(spec: RolloutSpec, device_id: uuid.UUID) -> bool:

@@ -519,3 +519,78 @@ def test_resuming_a_rollout_that_could_not_start_starts_it(v2: Firmware) -> None
     resumed = lifecycle.resume_rollout(rollout)
     assert resumed.status == RolloutStatus.ACTIVE and resumed.current_stage == 0
     assert resumed.started_at is not None
+
+
+def test_the_oldest_live_rollout_that_targets_a_device_decides_for_it(v2: Firmware) -> None:
+    v3 = firmware_services.publish_firmware(FirmwareFactory.create(version="1.2.0"))
+    eu = DeviceGroupFactory.create(name="eu")
+    devices = fleet(40, group=eu)
+    older = started(v2, 1, target_groups=[eu])
+    # A newer rollout that also targets them: creating it is refused, but devices can come to
+    # match two rollouts later (a group or metadata change), so build the overlap directly.
+    newer = Rollout.objects.create(
+        name="newer",
+        firmware=v3,
+        device_type="board-a",
+        status=RolloutStatus.ACTIVE,
+        current_stage=0,
+        started_at=timezone.now(),
+    )
+    newer.stages.create(position=0, name="all", percentage=100)
+    targeting.forget_live_specs()
+    outside = [d for d in devices if bucket(d.id, older.id) >= 100]
+    assert poll.check_for_update(outside[0].id).reason == "waiting_for_stage"
+    lifecycle.pause_rollout(older)
+    assert poll.check_for_update(outside[0].id).reason == "rollout_paused"
+    assert not UpdateSession.objects.filter(rollout=newer).exists()
+
+
+@pytest.mark.parametrize(
+    ("actual", "wanted", "equal"),
+    [
+        ("eu", "eu", True),
+        (1, 1.0, True),
+        (True, 1, False),
+        (1, True, False),
+        ("1", 1, False),
+        (True, True, True),
+        (None, "x", False),
+    ],
+)
+def test_metadata_filters_compare_like_json(actual: Any, wanted: Any, equal: bool) -> None:
+    assert targeting.json_equal(actual, wanted) is equal
+
+
+def test_failures_in_an_earlier_stage_still_roll_back(v1: Firmware, v2: Firmware) -> None:
+    devices = fleet(100)
+    rollout = started(v2, 50, 100, min_devices=10, rollback_threshold=0.2)
+    first = [d for d in devices if bucket(d.id, rollout.id) < 5000]
+    for device in first:
+        run_device(device, "none")  # offered, reports come later
+    for device in first[:10]:
+        offer = poll.check_for_update(device.id)
+        services.validate_session(
+            device.id, offer.session_uuid, success=True, running_version="1.1.0"
+        )
+    assert evaluate(rollout) == "advanced"
+    for device in first[10:]:  # the rest of stage 1 fails after the stage advanced
+        offer = poll.check_for_update(device.id)
+        services.report_status(device.id, offer.session_uuid, status="failed")
+    assert evaluate(rollout) == "rolled_back"
+    rollout.refresh_from_db()
+    assert "of the rollout failed" in rollout.status_reason
+
+
+def test_renaming_a_scheduled_rollout_after_its_start_at_passed(
+    operator_api: APIClient, v2: Firmware
+) -> None:
+    rollout = lifecycle.create_rollout(
+        definition(v2, 100, start_at=timezone.now() + timedelta(minutes=5))
+    )
+    Rollout.objects.filter(pk=rollout.pk).update(start_at=timezone.now() - timedelta(seconds=1))
+    reply = operator_api.patch(f"/api/v1/rollouts/{rollout.id}", {"name": "renamed"}, format="json")
+    assert reply.status_code == 200, reply.content
+    reply = operator_api.patch(
+        f"/api/v1/rollouts/{rollout.id}", {"start_at": "2001-01-01T00:00:00Z"}, format="json"
+    )
+    assert reply.status_code == 400

@@ -32,6 +32,7 @@ def main() -> None:
 
     if settings.DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
         raise SystemExit("make bench needs DATABASE_URL=postgres://...")
+    settings.ROLLOUT_METRICS_CACHE_TIMEOUT = 0  # time the fleet scan, not the cache
     from django.db import connection
     from django.test.utils import setup_databases, teardown_databases
 
