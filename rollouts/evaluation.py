@@ -178,8 +178,13 @@ def _judge(rollout: Rollout, now: datetime) -> str:
     if not soaked or (stats.finished and stats.success_rate < rollout.success_threshold):
         return ""
     last = position + 1 >= len(stages)
-    if last and remaining_devices(rollout, stage.percentage) > 0:
-        return ""  # the last stage completes once every targeted device has finished
+    if last:
+        # The last stage completes once every targeted device has finished, and only after some
+        # device took part: a rollout started before its devices enrolled waits for them.
+        if remaining_devices(rollout, stage.percentage) > 0:
+            return ""
+        if stage_stats(rollout, None).finished == 0:
+            return ""
     rate = f"{stats.success_rate:.0%}" if stats.finished else "no devices"
     advance_stage(rollout, None, f"Stage {position + 1} succeeded ({rate}).")
     return "completed" if last else "advanced"

@@ -594,3 +594,13 @@ def test_renaming_a_scheduled_rollout_after_its_start_at_passed(
         f"/api/v1/rollouts/{rollout.id}", {"start_at": "2001-01-01T00:00:00Z"}, format="json"
     )
     assert reply.status_code == 400
+
+
+def test_a_rollout_started_before_its_devices_enrolled_waits_for_them(v2: Firmware) -> None:
+    rollout = started(v2, 50, 100)
+    assert evaluate(rollout) == "advanced"  # an empty first stage does not hold it up
+    assert evaluate(rollout) == ""  # but the last one does not complete with nobody in it
+    devices = fleet(4)
+    for device in devices:
+        run_device(device)
+    assert evaluate(rollout) == "completed"
