@@ -65,7 +65,6 @@ def check_configuration(app_configs: Any = None, **kwargs: Any) -> list[checks.C
         "DEVICE_POLL_INTERVAL",
         "DEVICE_ONLINE_WINDOW",
         "ROLLOUT_EVALUATION_INTERVAL",
-        "ROLLOUT_CACHE_TIMEOUT",
     ):
         if getattr(settings, name) <= 0:
             errors.append(checks.Error(f"{name} must be positive.", id="ota.E009"))

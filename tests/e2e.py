@@ -30,7 +30,11 @@ def server_env(var_dir: Path, **extra: str) -> dict[str, str]:
     """A clean environment: the embedded mode unless `extra` names services."""
     env = {k: v for k, v in os.environ.items() if k not in SERVICE_VARS}
     env.pop("DJANGO_SETTINGS_MODULE", None)
-    env.update(OTA_VAR_DIR=str(var_dir), PYTHONUNBUFFERED="1", **extra)
+    # The suite runs several server sets at once (one per xdist worker and test); one persistent
+    # connection per process keeps them all under PostgreSQL's max_connections, where a pool per
+    # process (which keeps a spare) would not. The production-mode test turns the pool back on.
+    env.update(OTA_VAR_DIR=str(var_dir), PYTHONUNBUFFERED="1", DATABASE_POOL="false")
+    env.update(extra)
     return env
 
 

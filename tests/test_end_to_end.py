@@ -192,6 +192,7 @@ def test_production_mode_on_postgres_and_redis(tmp_path: Path, postgres_url: str
     redis_url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/15")
     env = server_env(
         tmp_path,
+        DATABASE_POOL="true",
         DATABASE_URL=postgres_url,
         REDIS_URL=redis_url,
         CACHE_KEY_PREFIX=f"e2e-{uuid.uuid4().hex[:8]}",

@@ -129,7 +129,7 @@ def ota_server(
         "client@example.com",
     )
     # Enough workers for the 200-device fleet simulation (tests/client/test_simulate.py).
-    with gunicorn(env, workers=16) as base:
+    with gunicorn(env, workers=10) as base:
         firmware = {version: _upload(base, version) for version in IMAGES}
         reply = requests.post(
             f"{base}/api/v1/groups",

@@ -96,7 +96,7 @@ def server(tmp_path: Path) -> Iterator[Server]:
         )
         # The fleet shares two cores with the servers: many sync workers keep downloads from
         # queueing behind polls.
-        with gunicorn(env, workers=12) as base, celery_worker(env):
+        with gunicorn(env, workers=8) as base, celery_worker(env):
             yield Server(base, env)
 
 
