@@ -295,8 +295,9 @@ CELERY_BEAT_SCHEDULE = {
     "evaluate-active-rollouts": {
         "task": "rollouts.tasks.evaluate_active_rollouts",
         "schedule": ROLLOUT_EVALUATION_INTERVAL,
-        # A late run is useless: the next one is seconds away.
-        "options": {"expires": ROLLOUT_EVALUATION_INTERVAL},
+        # Runs that wait too long are dropped rather than piling up behind a busy worker (each
+        # one judges everything anew); but not so soon that a loaded worker never gets to one.
+        "options": {"expires": max(10 * ROLLOUT_EVALUATION_INTERVAL, 30.0)},
     },
 }
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celery" / "beat-schedule")
