@@ -186,11 +186,12 @@ def test_failing_installs_stop_the_first_stage_and_roll_updated_devices_back(
     enroll(server, token, tmp_path / "fleet", 100)
     rollout = server.start_rollout(
         server.publish("1.1.0"),
-        # Half the fleet in the first stage and a 10% threshold: with 30% of the images failing,
-        # the failure rate of ~50 devices passes 10% (it stays below with a chance under 0.1%).
+        # Half the fleet in the first stage, soaking 30 s as an operator would have it (so it is
+        # judged on most of its devices, not on the first ten to finish), and a 10% threshold:
+        # with 30% of the images failing, ~50 devices pass 10% with near certainty.
         min_devices=10,
         rollback_threshold=0.1,
-        stages=[{"percentage": 50}, {"percentage": 100}],
+        stages=[{"percentage": 50, "min_duration": 30}, {"percentage": 100}],
     )
     stop, seen = threading.Event(), list[dict[str, Any]]()
     watcher = threading.Thread(
