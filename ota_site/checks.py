@@ -5,6 +5,7 @@ A bad deployment fails at start with a message naming the setting, never on the 
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import sys
 from typing import Any
@@ -12,6 +13,8 @@ from urllib.parse import urlparse
 
 from django.conf import settings
 from django.core import checks
+
+from ota_site.keystore import parse_master_key
 
 
 @checks.register(checks.Tags.compatibility)
@@ -60,6 +63,7 @@ def check_configuration(app_configs: Any = None, **kwargs: Any) -> list[checks.C
                     id="ota.E008",
                 )
             )
+    errors.extend(_check_secrets_at_rest())
     for name in (
         "DEVICE_LAST_SEEN_INTERVAL",
         "DEVICE_POLL_INTERVAL",
@@ -68,6 +72,30 @@ def check_configuration(app_configs: Any = None, **kwargs: Any) -> list[checks.C
     ):
         if getattr(settings, name) <= 0:
             errors.append(checks.Error(f"{name} must be positive.", id="ota.E009"))
+    return errors
+
+
+def _check_secrets_at_rest() -> list[checks.CheckMessage]:
+    """The master key and the trusted proxy list must parse (ota.E011, ota.E012)."""
+    errors: list[checks.CheckMessage] = []
+    for name, values in (
+        ("OTA_MASTER_KEY", [settings.OTA_MASTER_KEY] if settings.OTA_MASTER_KEY else []),
+        ("OTA_MASTER_KEYS_OLD", settings.OTA_MASTER_KEYS_OLD),
+    ):
+        for value in values:
+            try:
+                parse_master_key(value)
+            except ValueError as exc:
+                errors.append(checks.Error(f"{name}: {exc}.", id="ota.E011"))
+    for item in settings.TRUSTED_PROXIES:
+        try:
+            ipaddress.ip_network(item.strip(), strict=False)
+        except ValueError:
+            errors.append(
+                checks.Error(
+                    f"TRUSTED_PROXIES: {item!r} is not an address or a network.", id="ota.E012"
+                )
+            )
     return errors
 
 

@@ -274,6 +274,21 @@ FIRMWARE_SIGNING_KEY_PATH = Path(
 )
 FIRMWARE_CACHE_TIMEOUT = _typed("int", "FIRMWARE_CACHE_TIMEOUT", 3600)
 
+# --- Secrets at rest (ota_site.keystore) -------------------------------------------------------
+# Private keys in the database are sealed with this master key (base64 of 32 bytes). Unset, the
+# embedded mode keeps one in OTA_MASTER_KEY_PATH (created on first use, mode 0600).
+OTA_MASTER_KEY = _secret("OTA_MASTER_KEY") or ""
+OTA_MASTER_KEY_PATH = Path(
+    env.str("OTA_MASTER_KEY_PATH", default=str(VAR_DIR / "keys" / "master.key"))
+)
+# Retired master keys that still open old envelopes until `manage.py keys rewrap` has run.
+OTA_MASTER_KEYS_OLD = env.list("OTA_MASTER_KEYS_OLD", default=[])
+
+# --- Reverse proxies (ota_site.proxies) --------------------------------------------------------
+# Forwarded headers (X-Forwarded-For, the verified client certificate) are believed only from
+# these addresses or networks.
+TRUSTED_PROXIES = env.list("TRUSTED_PROXIES", default=[])
+
 # --- Devices --------------------------------------------------------------------------------
 # Device access tokens are HS256 JWTs signed with a key derived from SECRET_KEY unless set.
 DEVICE_JWT_SECRET = (

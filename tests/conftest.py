@@ -15,6 +15,8 @@ from devices import services as device_services
 from devices.models import Device
 from firmware import services as firmware_services
 from firmware.models import Firmware
+from ota_site.permissions import Role
+from ota_site.roles import set_role
 from tests.factories import FirmwareFactory
 
 
@@ -42,14 +44,20 @@ def api() -> APIClient:
     return APIClient()
 
 
+def person(username: str, role: Role | None) -> User:
+    user = User.objects.create_user(username, password=f"pw-{username}-1")
+    set_role(user, role)
+    return user
+
+
 @pytest.fixture
 def operator(db: Any) -> User:
-    return User.objects.create_user("olivia", password="pw-operator-1", is_staff=True)
+    return person("olivia", Role.OPERATOR)
 
 
 @pytest.fixture
 def viewer(db: Any) -> User:
-    return User.objects.create_user("victor", password="pw-viewer-1", is_staff=False)
+    return person("victor", Role.VIEWER)
 
 
 @pytest.fixture
