@@ -18,6 +18,7 @@ records there.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 from typing import Any
 
@@ -68,10 +69,8 @@ def role_of(user: Any) -> Role | None:
         names = groups.filter(name__in=list(ROLE_GROUPS)).values_list("name", flat=True)
         found = [ROLE_GROUPS[name] for name in names]
         role = max(found) if found else None
-    try:
+    with contextlib.suppress(AttributeError):  # a user object that refuses attributes
         user._ota_role_cache = role
-    except AttributeError:  # pragma: no cover - a user object that refuses attributes
-        pass
     return role
 
 

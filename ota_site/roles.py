@@ -41,9 +41,8 @@ def permissions_for(role: Role) -> list[Permission]:
         action = perm.codename.split("_", 1)[0]
         if app not in VIEWABLE_APPS or model in ADMIN_ONLY_MODELS:
             continue
-        if action == "view":
-            chosen.append(perm)
-        elif role is Role.OPERATOR and action in {"add", "change"} and model in OPERATOR_MODELS:
+        writes = role is Role.OPERATOR and model in OPERATOR_MODELS
+        if action == "view" or (writes and action in {"add", "change"}):
             chosen.append(perm)
     return chosen
 
