@@ -60,9 +60,9 @@ def role_of(user: Any) -> Role | None:
         return explicit
     if getattr(user, "is_superuser", False):
         return Role.ADMIN
-    cached = getattr(user, "_ota_role_cache", False)
-    if cached is not False:
-        return cached  # type: ignore[no-any-return]
+    if hasattr(user, "_ota_role_cache"):
+        cached: Role | None = user._ota_role_cache
+        return cached
     role: Role | None = None
     groups = getattr(user, "groups", None)
     if groups is not None:
@@ -93,7 +93,7 @@ class HasRole(BasePermission):
     role = Role.ADMIN
 
     @property
-    def message(self) -> str:  # type: ignore[override]
+    def message(self) -> str:
         return f"This needs the {self.role.label} role."
 
     def has_permission(self, request: Request, view: Any) -> bool:
