@@ -9,27 +9,106 @@ from django.db import models
 
 
 class SigningKey(models.Model):
-    """A public key that firmware manifests are signed with; devices trust keys by key_id.
+    """An Ed25519 key that signs firmware manifests; devices trust keys by key_id.
 
-    The private half lives outside the database (FIRMWARE_SIGNING_KEY_PATH).
+    The private half is stored sealed (``ota_site.keystore``: AES-GCM under the master key), never
+    in the clear. One key is ``current`` and signs new firmware. Rotation makes a new current key
+    *endorsed* by the one before (``endorsement`` is the old key's signature over the new key's
+    statement), so a device that trusts only the old key can learn the new one through a signed
+    chain. A ``previous`` key still verifies what it signed; a ``retired`` key signs and endorses
+    nothing more and devices drop it once they know a newer key.
     """
 
     class Algorithm(models.TextChoices):
         ED25519 = "ed25519"
+
+    class Status(models.TextChoices):
+        CURRENT = "current"
+        PREVIOUS = "previous"
+        RETIRED = "retired"
 
     key_id = models.CharField(max_length=32, primary_key=True)
     algorithm = models.CharField(
         max_length=16, choices=Algorithm.choices, default=Algorithm.ED25519
     )
     public_key = models.CharField(max_length=100, help_text="Raw public key, base64.")
+    # Kept so existing API clients keep working: True unless retired.
     is_active = models.BooleanField(default=True)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.CURRENT)
+    private_key = models.TextField(
+        blank=True, editable=False, help_text="The private key, sealed (an envelope); never plain."
+    )
+    endorsed_by = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.PROTECT, related_name="endorsed"
+    )
+    endorsement = models.CharField(
+        max_length=100, blank=True, help_text="The endorsing key's signature (base64)."
+    )
     created_at = models.DateTimeField(auto_now_add=True)
+    retired_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["status"],
+                condition=models.Q(status="current"),
+                name="signingkey_one_current",
+            )
+        ]
 
     def __str__(self) -> str:
         return f"{self.algorithm}:{self.key_id}"
+
+
+class TufRole(models.TextChoices):
+    ROOT = "root"
+    TARGETS = "targets"
+    SNAPSHOT = "snapshot"
+    TIMESTAMP = "timestamp"
+
+
+class TufKey(models.Model):
+    """A key of the TUF repository. Online keys (targets, snapshot, timestamp) keep their private
+    half sealed here so the server can sign; root keys are offline: only the public half is known
+    to the server, and root metadata is signed by whoever holds the key files."""
+
+    keyid = models.CharField(max_length=64, primary_key=True)
+    role = models.CharField(max_length=16, choices=TufRole.choices)
+    public = models.JSONField(
+        help_text="The key as TUF metadata lists it (keytype, scheme, keyval)."
+    )
+    private_key = models.TextField(
+        blank=True, editable=False, help_text="Sealed; empty if offline."
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    retired_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["role", "created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.role}:{self.keyid[:16]}"
+
+
+class TufMetadata(models.Model):
+    """One signed version of one TUF role, stored exactly as served under /tuf/metadata/."""
+
+    id = models.BigAutoField(primary_key=True)
+    role = models.CharField(max_length=16, choices=TufRole.choices)
+    version = models.PositiveIntegerField()
+    content = models.BinaryField(help_text="The JSON bytes served to clients.")
+    expires = models.DateTimeField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["role", "-version"]
+        constraints = [
+            models.UniqueConstraint(fields=["role", "version"], name="tufmetadata_role_version")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.version}.{self.role}.json"
 
 
 class Firmware(models.Model):
@@ -48,6 +127,10 @@ class Firmware(models.Model):
     metadata = models.JSONField(
         default=dict, blank=True, help_text="release_notes, min_version, dependencies."
     )
+    # A security counter (like Android's rollback index): devices refuse firmware whose counter
+    # is below the highest they have installed. New firmware inherits its type's highest counter;
+    # an operator raises it when older images must never be installed again.
+    release_counter = models.PositiveIntegerField(default=0)
     # The canonical manifest (compact JSON, sorted keys) exactly as signed, and its signature.
     manifest = models.TextField(blank=True, editable=False)
     signature = models.CharField(max_length=100, blank=True, editable=False)
