@@ -17,11 +17,16 @@ PYTEST_WORKERS    ?= auto
 EMBEDDED := DATABASE_URL= REDIS_URL= STORAGE=local CELERY_BROKER_URL=
 # Its own test database name per checkout, so two checkouts on one machine never collide.
 TEST_DB_NAME      ?= test_ota_$(shell printf %s "$(CURDIR)" | cksum | cut -d' ' -f1)
+# Rate limits off: the tests make many requests from 127.0.0.1; tests/test_rate_limits.py and
+# tests/client/test_rate_limit_client.py turn them on themselves.
 TESTENV  := DATABASE_URL=$(TEST_DATABASE_URL) DATABASE_TEST_NAME=$(TEST_DB_NAME) \
-	REDIS_URL=$(TEST_REDIS_URL) OTA_VAR_DIR=$(CURDIR)/var/test
+	REDIS_URL=$(TEST_REDIS_URL) OTA_VAR_DIR=$(CURDIR)/var/test \
+	RATE_LIMIT_DEVICE=off RATE_LIMIT_IP=off
 
 # Real tools the tests drive, from Debian (as root, which this machine's sessions and CI are).
-DEBIAN_PACKAGES := libubootenv-tool
+# softhsm2: a software PKCS#11 token for the HSM signing-key tests (tests/test_signing_hsm.py);
+# nginx: `nginx -t` checks the shipped configuration (tests/test_deploy_config.py).
+DEBIAN_PACKAGES := libubootenv-tool softhsm2 nginx
 
 .PHONY: install debian-packages demo serve serve-demo test bench lint format clean
 
@@ -51,16 +56,20 @@ demo: install
 
 # The whole embedded product in one terminal: the web server, a Celery worker with beat (the
 # rollout engine, on the filesystem broker) and a simulated fleet of $(SIM_DEVICES) devices.
-# Ctrl-C stops all three.
+# Ctrl-C stops all three. Rate limits: the whole simulated fleet comes from one address, so no
+# address limit; each device polls every 5 s (12 a minute) and an update adds about a dozen
+# requests, so 60 a minute per device keeps the limit on without slowing the demo.
+DEMO_LIMITS := RATE_LIMIT_IP=0 RATE_LIMIT_DEVICE=60/min
 serve-demo: install
 	@trap 'kill 0' INT TERM EXIT; \
 	$(EMBEDDED) $(VENV)/bin/celery -A ota_site worker -B --pool=solo --loglevel=WARNING \
 		-s var/demo/beat-schedule & \
 	( sleep 4; $(VENV)/bin/ota-client simulate --devices $(SIM_DEVICES) \
 		--server http://$(HOST):$(PORT) --enrollment-token-file var/demo/sim-token \
-		--device-type demo-board --state-dir var/demo/sim --poll-interval 5 --quiet ) & \
-	$(EMBEDDED) $(VENV)/bin/gunicorn ota_site.wsgi --bind $(HOST):$(PORT) --workers 2 \
-		--graceful-timeout 5 --no-control-socket
+		--device-type demo-board --state-dir var/demo/sim --poll-interval 5 \
+		--tuf-root var/demo/tuf-root.json --quiet ) & \
+	$(EMBEDDED) $(DEMO_LIMITS) $(VENV)/bin/gunicorn ota_site.wsgi --bind $(HOST):$(PORT) \
+		--workers 2 --graceful-timeout 5 --no-control-socket
 
 serve: install
 	$(EMBEDDED) $(VENV)/bin/gunicorn ota_site.wsgi --bind $(HOST):$(PORT) --workers 2 \

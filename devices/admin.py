@@ -1,4 +1,5 @@
-"""Admin for devices, device groups and enrollment tokens; every change goes through services.py."""
+"""Admin for devices, device groups, enrollment tokens and device certificates; every change goes
+through services.py."""
 
 from __future__ import annotations
 
@@ -13,14 +14,15 @@ from django.db.models import Count, F, Q, QuerySet
 from django.http import HttpRequest
 from django.urls import reverse
 from django.utils import timezone
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
 from django.utils.http import urlencode
 
 from devices import services
-from devices.models import Device, DeviceGroup, EnrollmentToken
+from devices.models import Device, DeviceCA, DeviceCertificate, DeviceGroup, EnrollmentToken
 from ota_site.admin import ServiceModelAdmin, adopt, events_table, uuid_or_none
 from ota_site.errors import ServiceError
 from ota_site.models import Event
+from ota_site.permissions import Role, has_role
 from ota_site.validators import device_type_validator, validate_metadata, validate_version
 
 
@@ -178,7 +180,7 @@ class DeviceAdmin(ServiceModelAdmin):
     search_fields = ("hardware_id",)
     search_help_text = "Part of a hardware id, or a device id."
     ordering = ("hardware_id",)
-    actions = ("reset_credentials", "retry_update")
+    actions = ("reset_credentials", "retry_update", "revoke_devices")
     fieldsets = (
         (
             None,
@@ -191,6 +193,7 @@ class DeviceAdmin(ServiceModelAdmin):
                     "current_version",
                     "last_seen",
                     "credentials",
+                    "certificates",
                 )
             },
         ),
@@ -205,6 +208,7 @@ class DeviceAdmin(ServiceModelAdmin):
         "current_version",
         "last_seen",
         "credentials",
+        "certificates",
         "target_set_at",
         "recent_events",
         "created_at",
@@ -223,9 +227,38 @@ class DeviceAdmin(ServiceModelAdmin):
 
     @admin.display(description="Credentials")
     def credentials(self, device: Device) -> str:
+        if device.revoked_at is not None:
+            return f"revoked {device.revoked_at.isoformat(timespec='seconds')}"
         if device.secret_hash:
             return f"enrolled (generation {device.credential_generation})"
         return "reset: the device may enroll again"
+
+    @admin.display(description="Certificates")
+    def certificates(self, device: Device) -> str:
+        """The certificates the device CA issued to it, newest first (a table, not an inline:
+        certificates are issued and revoked by services, never edited in a form)."""
+        issued = list(device.certificates.order_by("-created_at")[:10])
+        if not issued:
+            return "-"
+        rows = format_html_join(
+            "",
+            '<tr><td><a href="{}">{}</a></td><td>{}</td><td>{}</td></tr>',
+            (
+                (
+                    reverse("admin:devices_devicecertificate_change", args=[cert.pk]),
+                    cert.serial[:16],
+                    cert.state,
+                    cert.not_after.isoformat(timespec="seconds"),
+                )
+                for cert in issued
+            ),
+        )
+        url = (
+            reverse("admin:devices_devicecertificate_changelist")
+            + "?"
+            + urlencode({"device__id__exact": str(device.pk)})
+        )
+        return format_html('<table>{}</table><a href="{}">All certificates</a>', rows, url)
 
     @admin.display(description="Recent events")
     def recent_events(self, device: Device) -> str:
@@ -264,7 +297,12 @@ class DeviceAdmin(ServiceModelAdmin):
             services.update_device(stored, actor=request.user, **changes)
             adopt(obj, stored)
 
-    @admin.action(description="Retry the assigned update", permissions=["change"])
+    def has_operate_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("devices.change_device") and has_role(
+            request.user, Role.OPERATOR
+        )
+
+    @admin.action(description="Retry the assigned update", permissions=["operate"])
     def retry_update(self, request: HttpRequest, queryset: QuerySet[Device]) -> None:
         retried = 0
         for device in queryset.select_related("group"):
@@ -283,7 +321,22 @@ class DeviceAdmin(ServiceModelAdmin):
         for device in queryset:
             services.delete_device(device, actor=request.user)
 
-    @admin.action(description="Reset credentials (allow re-enrollment)", permissions=["change"])
+    def has_revoke_permission(self, request: HttpRequest) -> bool:
+        return has_role(request.user, Role.ADMIN)
+
+    @admin.action(description="Revoke selected devices (lock them out)", permissions=["revoke"])
+    def revoke_devices(self, request: HttpRequest, queryset: QuerySet[Device]) -> None:
+        count = 0
+        for device in queryset.filter(revoked_at__isnull=True):
+            services.revoke_device(device, actor=request.user, reason="admin action")
+            count += 1
+        self.message_user(
+            request,
+            f"Revoked {count} device(s): their tokens and certificates no longer work.",
+            messages.SUCCESS,
+        )
+
+    @admin.action(description="Reset credentials (allow re-enrollment)", permissions=["operate"])
     def reset_credentials(self, request: HttpRequest, queryset: QuerySet[Device]) -> None:
         count = 0
         for device in queryset:
@@ -401,7 +454,9 @@ class EnrollmentTokenAdmin(ServiceModelAdmin):
         return False  # no service edits a token; revoke it and create another
 
     def has_revoke_permission(self, request: HttpRequest) -> bool:
-        return request.user.has_perm("devices.change_enrollmenttoken")
+        return request.user.has_perm("devices.change_enrollmenttoken") and has_role(
+            request.user, Role.ADMIN
+        )
 
     def save_model(
         self, request: HttpRequest, obj: EnrollmentToken, form: EnrollmentTokenForm, change: bool
@@ -439,3 +494,107 @@ class EnrollmentTokenAdmin(ServiceModelAdmin):
             services.revoke_enrollment_token(token, actor=request.user)
             count += 1
         self.message_user(request, f"Revoked {count} token(s).", messages.SUCCESS)
+
+
+# --- Device CA and certificates -----------------------------------------------------------------
+
+
+@admin.register(DeviceCA)
+class DeviceCAAdmin(admin.ModelAdmin):
+    """View only: the CA is created and rotated by `manage.py device_ca`; its key is never
+    shown (it is a sealed envelope anyway)."""
+
+    list_display = ("common_name", "key_id", "active", "not_before", "not_after", "created_at")
+    list_filter = ("active",)
+    fields = (
+        "common_name",
+        "active",
+        "key_id",
+        "fingerprint",
+        "not_before",
+        "not_after",
+        "created_at",
+        "certificate",
+    )
+    readonly_fields = fields
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False  # certificates refer to it (PROTECT); it expires instead
+
+
+class CertificateStateFilter(admin.SimpleListFilter):
+    title = "state"
+    parameter_name = "state"
+
+    def lookups(
+        self, request: HttpRequest, model_admin: admin.ModelAdmin[Any]
+    ) -> Iterable[tuple[str, str]]:
+        return (("valid", "Valid"), ("revoked", "Revoked"), ("expired", "Expired"))
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        now = timezone.now()
+        if self.value() == "valid":
+            return queryset.filter(revoked_at__isnull=True, not_after__gt=now)
+        if self.value() == "revoked":
+            return queryset.filter(revoked_at__isnull=False)
+        if self.value() == "expired":
+            return queryset.filter(revoked_at__isnull=True, not_after__lte=now)
+        return queryset
+
+
+@admin.register(DeviceCertificate)
+class DeviceCertificateAdmin(admin.ModelAdmin):
+    """Issued by enrollment and renewal only; an admin can revoke one (a leaked device key)."""
+
+    list_display = ("serial", "device", "state", "not_before", "not_after", "revoked_at", "ca")
+    list_filter = (CertificateStateFilter, "ca")
+    list_select_related = ("device", "ca")
+    search_fields = ("=serial", "=fingerprint", "device__hardware_id")
+    ordering = ("-created_at",)
+    actions = ("revoke_certificates",)
+    fields = (
+        "device",
+        "serial",
+        "fingerprint",
+        "state",
+        "not_before",
+        "not_after",
+        "revoked_at",
+        "ca",
+        "created_at",
+        "certificate",
+    )
+    readonly_fields = fields
+    show_full_result_count = False
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False  # the record is what refuses a revoked certificate
+
+    def has_revoke_permission(self, request: HttpRequest) -> bool:
+        return has_role(request.user, Role.ADMIN)
+
+    @admin.display(description="State")
+    def state(self, certificate: DeviceCertificate) -> str:
+        return certificate.state
+
+    @admin.action(description="Revoke selected certificates", permissions=["revoke"])
+    def revoke_certificates(
+        self, request: HttpRequest, queryset: QuerySet[DeviceCertificate]
+    ) -> None:
+        count = sum(
+            services.revoke_certificate(certificate, actor=request.user)
+            for certificate in queryset.filter(revoked_at__isnull=True)
+        )
+        self.message_user(request, f"Revoked {count} certificate(s).", messages.SUCCESS)

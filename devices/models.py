@@ -1,4 +1,4 @@
-"""Devices, device groups and enrollment tokens."""
+"""Devices, device groups, enrollment tokens, the device CA and the certificates it issued."""
 
 from __future__ import annotations
 
@@ -62,6 +62,9 @@ class Device(models.Model):
     # Bumped when credentials are reset. Tokens carry it: the poll and the heartbeat refuse an
     # older generation at once; other calls stop accepting it when the token expires.
     credential_generation = models.PositiveIntegerField(default=1, editable=False)
+    # Set by an admin who revokes the device: it loses every credential (secret, certificates,
+    # tokens) and cannot enroll again under this hardware_id; delete it to let the board back in.
+    revoked_at = models.DateTimeField(null=True, blank=True, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -146,3 +149,75 @@ class EnrollmentToken(models.Model):
         if self.max_uses is not None and self.uses >= self.max_uses:
             return "exhausted"
         return "active"
+
+
+class DeviceCA(models.Model):
+    """The server's own certificate authority for device certificates (devices.ca).
+
+    Its private key is stored only as an ota_site.keystore envelope (purpose ``device-ca``). One CA
+    is active and issues; after a rotation the former ones stay trusted for the certificates they
+    issued until those expire, so nginx's bundle (``device_ca export-cert``) lists them all.
+    """
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    common_name = models.CharField(max_length=64)
+    certificate = models.TextField(help_text="PEM")
+    private_key = models.TextField(editable=False, help_text="A keystore envelope, never clear.")
+    # Subject key identifier (hex): issued certificates name their CA by it (AuthorityKeyId).
+    key_id = models.CharField(max_length=64, unique=True)
+    fingerprint = models.CharField(max_length=64, unique=True, help_text="sha256 of the DER")
+    not_before = models.DateTimeField()
+    not_after = models.DateTimeField()
+    active = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        verbose_name = "device CA"
+        verbose_name_plural = "device CAs"
+        constraints = [
+            # Exactly one CA issues at a time; a rotation swaps it in one transaction.
+            models.UniqueConstraint(
+                fields=["active"], condition=models.Q(active=True), name="one_active_device_ca"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.common_name} ({self.key_id[:16]})"
+
+
+class DeviceCertificate(models.Model):
+    """A certificate the device CA issued to a device; kept so the app can refuse revoked ones."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    device = models.ForeignKey(Device, on_delete=models.CASCADE, related_name="certificates")
+    ca = models.ForeignKey(DeviceCA, on_delete=models.PROTECT, related_name="certificates")
+    serial = models.CharField(max_length=40, unique=True, help_text="hex")
+    # sha256 of the DER: how a certificate forwarded by nginx is found (unique index).
+    fingerprint = models.CharField(max_length=64, unique=True)
+    not_before = models.DateTimeField()
+    not_after = models.DateTimeField()
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    certificate = models.TextField(help_text="PEM")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [
+            # A device's certificates, newest first (admin, revocation).
+            models.Index(fields=["device", "-created_at"], name="devicecert_device_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.serial[:16]} ({self.device_id})"
+
+    @property
+    def state(self) -> str:
+        if self.revoked_at is not None:
+            return "revoked"
+        now = timezone.now()
+        if self.not_after <= now:
+            return "expired"
+        if self.not_before > now:
+            return "not yet valid"
+        return "valid"

@@ -13,10 +13,11 @@ from django.urls import reverse
 from django.utils.html import format_html
 from django.utils.http import urlencode
 
-from firmware import services
+from firmware import services, signing
 from firmware.models import Firmware, SigningKey
-from ota_site.admin import ServiceModelAdmin, pretty_json, uuid_or_none
+from ota_site.admin import ServiceModelAdmin, pretty_json, role_allows, uuid_or_none
 from ota_site.errors import ServiceError
+from ota_site.permissions import Role, has_role
 
 
 class PublishedFilter(admin.SimpleListFilter):
@@ -110,7 +111,9 @@ class FirmwareAdmin(ServiceModelAdmin):
         return False
 
     def has_publish_permission(self, request: HttpRequest) -> bool:
-        return request.user.has_perm("firmware.change_firmware")
+        return request.user.has_perm("firmware.change_firmware") and role_allows(
+            request, Role.OPERATOR
+        )
 
     def changelist_view(
         self, request: HttpRequest, extra_context: dict[str, Any] | None = None
@@ -194,13 +197,35 @@ class FirmwareAdmin(ServiceModelAdmin):
 
 @admin.register(SigningKey)
 class SigningKeyAdmin(admin.ModelAdmin):
-    """View only: keys are registered by firmware.signing when they first sign something."""
+    """Keys are never edited here (the private half is sealed and never shown); admins rotate
+    and retire them with the actions, which call firmware.signing like the API and manage.py."""
 
-    list_display = ("key_id", "algorithm", "is_active", "firmware_count", "created_at")
-    list_filter = ("algorithm", "is_active")
+    list_display = (
+        "key_id",
+        "algorithm",
+        "status",
+        "endorsed_by",
+        "firmware_count",
+        "created_at",
+        "retired_at",
+    )
+    list_filter = ("status", "algorithm")
     search_fields = ("key_id",)
-    fields = ("key_id", "algorithm", "public_key", "is_active", "created_at")
+    fields = (
+        "key_id",
+        "algorithm",
+        "status",
+        "public_key",
+        "is_active",
+        "endorsed_by",
+        "endorsement",
+        "created_at",
+        "retired_at",
+        "retired_by",
+        "retirement",
+    )
     readonly_fields = fields
+    actions = ("rotate_key", "retire_selected")
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[SigningKey]:
         return super().get_queryset(request).annotate(firmware_count=Count("firmware"))
@@ -217,3 +242,37 @@ class SigningKeyAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request: HttpRequest, obj: SigningKey | None = None) -> bool:
         return False
+
+    def has_keys_permission(self, request: HttpRequest) -> bool:
+        return has_role(request.user, Role.ADMIN)
+
+    @admin.action(
+        description="Rotate: make a new current key, endorsed by the current one",
+        permissions=["keys"],
+    )
+    def rotate_key(self, request: HttpRequest, queryset: QuerySet[SigningKey]) -> None:
+        # The selection does not matter (Django's actions need one); the current key is rotated.
+        try:
+            key = signing.rotate(actor=request.user)
+        except ServiceError as exc:
+            self.message_user(request, exc.detail, messages.ERROR)
+            return
+        self.message_user(
+            request,
+            f"New current signing key {key.key_id}, endorsed by {key.endorsed_by_id}.",
+            messages.SUCCESS,
+        )
+
+    @admin.action(description="Retire selected keys", permissions=["keys"])
+    def retire_selected(self, request: HttpRequest, queryset: QuerySet[SigningKey]) -> None:
+        for key in queryset:
+            try:
+                retired = signing.retire(key.key_id, actor=request.user)
+            except ServiceError as exc:
+                self.message_user(request, f"{key.key_id}: {exc.detail}", messages.ERROR)
+            else:
+                self.message_user(
+                    request,
+                    f"Retired {key.key_id}; {retired.resigned} firmware re-signed.",
+                    messages.SUCCESS,
+                )

@@ -12,11 +12,13 @@ class SigningKey(models.Model):
     """An Ed25519 key that signs firmware manifests; devices trust keys by key_id.
 
     The private half is stored sealed (``ota_site.keystore``: AES-GCM under the master key), never
-    in the clear. One key is ``current`` and signs new firmware. Rotation makes a new current key
-    *endorsed* by the one before (``endorsement`` is the old key's signature over the new key's
-    statement), so a device that trusts only the old key can learn the new one through a signed
-    chain. A ``previous`` key still verifies what it signed; a ``retired`` key signs and endorses
-    nothing more and devices drop it once they know a newer key.
+    in the clear; or, with the ``pkcs11`` backend, it is generated in and never leaves a PKCS#11
+    token (an HSM), where the key object is labelled with the key id (``firmware.hsm``). One key
+    is ``current`` and signs new firmware. Rotation makes a new current key *endorsed* by the one
+    before (``endorsement`` is the old key's signature over the new key's statement), so a device
+    that trusts only the old key can learn the new one through a signed chain. A ``previous`` key
+    still verifies what it signed; a ``retired`` key signs and endorses nothing more and devices
+    drop it once they know a newer key.
     """
 
     class Algorithm(models.TextChoices):
@@ -27,6 +29,10 @@ class SigningKey(models.Model):
         PREVIOUS = "previous"
         RETIRED = "retired"
 
+    class Backend(models.TextChoices):
+        SEALED = "sealed", "sealed in the database"
+        PKCS11 = "pkcs11", "PKCS#11 token (HSM)"
+
     key_id = models.CharField(max_length=32, primary_key=True)
     algorithm = models.CharField(
         max_length=16, choices=Algorithm.choices, default=Algorithm.ED25519
@@ -35,8 +41,15 @@ class SigningKey(models.Model):
     # Kept so existing API clients keep working: True unless retired.
     is_active = models.BooleanField(default=True)
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.CURRENT)
+    # Where the private half lives. Per key, not a global switch: an installation that moves into
+    # an HSM keeps verifying (and can retire) its older sealed keys.
+    backend = models.CharField(
+        max_length=16, choices=Backend.choices, default=Backend.SEALED, editable=False
+    )
     private_key = models.TextField(
-        blank=True, editable=False, help_text="The private key, sealed (an envelope); never plain."
+        blank=True,
+        editable=False,
+        help_text="The private key, sealed (an envelope); never plain. Empty for pkcs11 keys.",
     )
     endorsed_by = models.ForeignKey(
         "self", null=True, blank=True, on_delete=models.PROTECT, related_name="endorsed"
@@ -46,6 +59,14 @@ class SigningKey(models.Model):
     )
     created_at = models.DateTimeField(auto_now_add=True)
     retired_at = models.DateTimeField(null=True, blank=True)
+    # The retirement statement is signed by the key that was current then, so a device can drop
+    # a retired key on the word of a key it trusts, never on the server's unsigned say-so.
+    retired_by = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    retirement = models.CharField(
+        max_length=100, blank=True, help_text="The retiring key's signature (base64)."
+    )
 
     class Meta:
         ordering = ["-created_at"]
@@ -142,6 +163,9 @@ class Firmware(models.Model):
     )
     created_at = models.DateTimeField(auto_now_add=True)
     published_at = models.DateTimeField(null=True, blank=True, editable=False)
+    # Set when the stored bytes no longer match the checksum (firmware.services.verify_storage):
+    # the firmware is withdrawn from offers and downloads until its bytes are restored.
+    quarantined_at = models.DateTimeField(null=True, blank=True, editable=False)
 
     class Meta:
         ordering = ["device_type", "-version_key"]

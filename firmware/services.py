@@ -15,11 +15,11 @@ from django.db.models import ProtectedError
 from django.utils import timezone
 from django.utils.text import get_valid_filename
 
-from firmware import signing
+from firmware import signing, tuf_repo
 from firmware.models import Firmware
 from ota_site import cache
-from ota_site.errors import StateConflict
-from ota_site.events import actor_of, record_event
+from ota_site.errors import ServiceError, StateConflict
+from ota_site.events import actor_of, created, record_event
 from ota_site.models import EventKind
 from ota_site.versions import Version
 
@@ -38,6 +38,11 @@ class PublishedFirmware(TypedDict):
     key_id: str
     manifest: str
     min_version: str | None
+    # Devices refuse a counter below the one they store; entries cached before it existed lack
+    # it (read with .get: absent means 0).
+    release_counter: int
+    # The TUF target path the device looks up in the repository's targets metadata.
+    tuf_target: str
 
 
 # --- Upload ---------------------------------------------------------------------------------
@@ -59,6 +64,7 @@ def upload_firmware(
     release_notes: str = "",
     min_version: str | None = None,
     dependencies: list[str] | None = None,
+    release_counter: int | None = None,
     actor: Any = None,
 ) -> Firmware:
     """Store an uploaded image (already hashed while it streamed in) and record it as a draft.
@@ -67,6 +73,13 @@ def upload_firmware(
     written, so an interrupted upload leaves neither a half firmware nor an orphan row.
     """
     parsed = Version.parse(version)
+    if release_counter is None:
+        # Inherit the type's highest counter: a new image never re-admits older ones by accident.
+        release_counter = highest_release_counter(device_type)
+    elif isinstance(release_counter, bool) or release_counter < 0:
+        raise ServiceError(
+            "The release counter must be a whole number of 0 or more.", code="invalid_counter"
+        )
     if Firmware.objects.filter(device_type=device_type, version_key=parsed.sort_key).exists():
         raise StateConflict(
             f"Firmware {version} for {device_type} exists.", code="duplicate_version"
@@ -87,6 +100,7 @@ def upload_firmware(
             "dependencies": dependencies or [],
         },
         created_by=actor if isinstance(actor, User) else None,
+        release_counter=release_counter,
     )
     name = _storage_name(firmware.id, device_type, version, firmware.filename)
     stored = firmware.file.storage.save(name, file, max_length=300)
@@ -99,6 +113,15 @@ def upload_firmware(
                 actor=actor_of(actor),
                 firmware_id=firmware.id,
                 data={"version": version, "device_type": device_type, "size": firmware.file_size},
+                changes=created(
+                    {
+                        "version": version,
+                        "device_type": device_type,
+                        "size": firmware.file_size,
+                        "sha256": firmware.checksum,
+                        "filename": firmware.filename,
+                    }
+                ),
             )
     except IntegrityError as exc:
         firmware.file.storage.delete(stored)
@@ -111,11 +134,34 @@ def upload_firmware(
     return firmware
 
 
+def tuf_root() -> bytes | None:
+    """The newest TUF root as served, for provisioning devices (None: no repository)."""
+    return tuf_repo.root_bytes()
+
+
+def tuf_target_path(device_type: str, version: str, file_name: str) -> str:
+    """The TUF target path of a firmware (for callers that read its fields, not the row)."""
+    return tuf_repo.path_for(device_type, version, file_name)
+
+
+def highest_release_counter(device_type: str) -> int:
+    value = (
+        Firmware.objects.filter(device_type=device_type)
+        .order_by("-release_counter")
+        .values_list("release_counter", flat=True)
+        .first()
+    )
+    return int(value or 0)
+
+
 # --- Publish ----------------------------------------------------------------------------------
 
 
 def manifest_of(firmware: Firmware) -> dict[str, Any]:
+    """The signed manifest. ``release_counter`` was added later: a manifest without it means 0
+    to devices, so manifests signed before stay valid."""
     return {
+        "release_counter": firmware.release_counter,
         "id": str(firmware.id),
         "version": firmware.version,
         "device_type": firmware.device_type,
@@ -175,6 +221,9 @@ def publish_firmware(firmware: Firmware, *, actor: Any = None) -> Firmware:
                 "key_id": key.key_id,
             },
         )
+        # The new target, snapshot and timestamp commit (or roll back) with the publish; the
+        # repository's row lock serialises concurrent publishes.
+        tuf_repo.firmware_changed()
         # Clear a cached "not published" now and again after commit, so a poll that ran in
         # between cannot leave it behind.
         cache_key = _published_key(locked.device_type, locked.version_key)
@@ -197,7 +246,10 @@ def delete_firmware(firmware: Firmware, *, actor: Any = None) -> None:
                 firmware_id=firmware.id,
                 data={"version": firmware.version, "device_type": firmware.device_type},
             )
+            was_published = firmware.is_published
             firmware.delete()
+            if was_published:
+                tuf_repo.firmware_changed()  # its target goes, in the same transaction
     except ProtectedError as exc:
         raise StateConflict(
             "This firmware is used by a rollout or an update session and cannot be deleted.",
@@ -251,7 +303,10 @@ def published_firmware(device_type: str, version: str) -> PublishedFirmware | No
         return cached
     firmware = (
         Firmware.objects.filter(
-            device_type=device_type, version_key=key_of_version, published_at__isnull=False
+            device_type=device_type,
+            version_key=key_of_version,
+            published_at__isnull=False,
+            quarantined_at__isnull=True,  # bytes that failed verify_storage are not offered
         )
         .only(
             "id",
@@ -263,6 +318,9 @@ def published_firmware(device_type: str, version: str) -> PublishedFirmware | No
             "signing_key_id",
             "manifest",
             "metadata",
+            "release_counter",
+            "file",
+            "filename",
         )
         .first()
     )
@@ -286,12 +344,26 @@ def published_firmware_by_id(firmware_id: Any) -> PublishedFirmware | None:
     cached = cache.get(key)
     if cached is not cache.MISSING and cached != _NONE:
         return cached
-    firmware = Firmware.objects.filter(pk=firmware_id, published_at__isnull=False).first()
+    firmware = Firmware.objects.filter(
+        pk=firmware_id, published_at__isnull=False, quarantined_at__isnull=True
+    ).first()
     if firmware is None:
         return None
     info = as_published(firmware)
     cache.set(key, info, settings.FIRMWARE_CACHE_TIMEOUT)
     return info
+
+
+class OfferKeys(TypedDict):
+    """What a device needs to trust a firmware signed by a key it has not seen yet."""
+
+    key_chain: list[signing.ChainLink]
+    retired_keys: list[signing.RetiredKey]
+
+
+def offer_keys(key_id: str) -> OfferKeys:
+    """The endorsement chain up to ``key_id`` and the signed retirements, from the cache."""
+    return OfferKeys(key_chain=signing.key_chain(key_id), retired_keys=signing.retired_keys())
 
 
 def remember_published(info: PublishedFirmware) -> None:
@@ -310,4 +382,156 @@ def as_published(firmware: Firmware) -> PublishedFirmware:
         key_id=firmware.signing_key_id or "",
         manifest=firmware.manifest,
         min_version=firmware.min_version,
+        release_counter=firmware.release_counter,
+        tuf_target=tuf_repo.target_path(firmware),
     )
+
+
+def forget_published(firmware: Firmware) -> None:
+    """Drop a published firmware's cached entries (re-signed, quarantined or restored), now and
+    again after commit so that a poll running in between cannot leave a stale one behind."""
+    keys = (_published_key(firmware.device_type, firmware.version_key), _by_id_key(firmware.id))
+
+    def forget() -> None:
+        for key in keys:
+            cache.delete(key)
+
+    forget()
+    transaction.on_commit(forget)
+
+
+# --- Storage read-back -------------------------------------------------------------------------
+
+
+class StorageCheck(TypedDict):
+    firmware_id: str
+    version: str
+    device_type: str
+    ok: bool
+    problem: str  # "", "missing", "unreadable" or "checksum_mismatch"
+    detail: str
+    quarantined: bool
+
+
+def verify_storage(firmware: Firmware, *, actor: Any = None) -> StorageCheck:
+    """Read the stored bytes back and compare their sha256 with the recorded one.
+
+    Storage can lose or change bytes after publishing (a bad disk, a bucket edited by hand, a
+    restore from the wrong backup). A mismatch or a missing file quarantines the firmware: it is
+    withdrawn from offers and device downloads, an event is written and an error logged. When a
+    later check finds the right bytes again (an operator restored them, e.g. with
+    ``manage.py firmware verify --restore``), the quarantine is lifted.
+    """
+    problem, detail = "", ""
+    try:
+        actual = stored_sha256(firmware)
+    except FileNotFoundError:
+        problem, detail = "missing", "the stored file is missing"
+    except Exception as exc:  # S3 errors are not OSErrors; a missing object is told apart below
+        if _missing(firmware):
+            problem, detail = "missing", "the stored file is missing"
+        else:
+            problem, detail = "unreadable", f"the stored file cannot be read: {exc}"
+    else:
+        if actual != firmware.checksum:
+            problem = "checksum_mismatch"
+            detail = f"stored sha256 {actual} != recorded {firmware.checksum}"
+    if problem in ("missing", "checksum_mismatch"):
+        _quarantine(firmware, problem, detail, actor=actor)
+    elif not problem:
+        _lift_quarantine(firmware, actor=actor)
+    else:
+        # Unreadable (storage down, permissions): not evidence that the bytes are wrong.
+        logger.error("firmware %s (%s): %s", firmware.id, firmware.version, detail)
+    return StorageCheck(
+        firmware_id=str(firmware.id),
+        version=firmware.version,
+        device_type=firmware.device_type,
+        ok=not problem,
+        problem=problem,
+        detail=detail,
+        quarantined=firmware.quarantined_at is not None,
+    )
+
+
+def _missing(firmware: Firmware) -> bool:
+    try:
+        return not firmware.file.storage.exists(str(firmware.file.name))
+    except Exception:  # storage unreachable: unknown, so not "missing"
+        return False
+
+
+def _quarantine(firmware: Firmware, problem: str, detail: str, *, actor: Any) -> None:
+    logger.error("firmware %s (%s) quarantined: %s", firmware.id, firmware.version, detail)
+    now = timezone.now()
+    with transaction.atomic():
+        # Compare-and-set: two checks at once write one event.
+        changed = Firmware.objects.filter(pk=firmware.pk, quarantined_at__isnull=True).update(
+            quarantined_at=now
+        )
+        if changed:
+            record_event(
+                EventKind.FIRMWARE_QUARANTINED,
+                actor=actor_of(actor),
+                firmware_id=firmware.id,
+                data={"version": firmware.version, "problem": problem, "detail": detail},
+            )
+            tuf_repo.firmware_changed()  # its TUF target goes at once, not at the next refresh
+        forget_published(firmware)
+    firmware.refresh_from_db(fields=["quarantined_at"])
+
+
+def _lift_quarantine(firmware: Firmware, *, actor: Any) -> None:
+    if firmware.quarantined_at is None:
+        return
+    with transaction.atomic():
+        changed = Firmware.objects.filter(pk=firmware.pk, quarantined_at__isnull=False).update(
+            quarantined_at=None
+        )
+        if changed:
+            record_event(
+                EventKind.FIRMWARE_RESTORED,
+                actor=actor_of(actor),
+                firmware_id=firmware.id,
+                data={"version": firmware.version},
+            )
+            tuf_repo.firmware_changed()
+        forget_published(firmware)
+    firmware.quarantined_at = None
+
+
+def restore_storage(firmware: Firmware, content: Any, *, actor: Any = None) -> StorageCheck:
+    """Put the right bytes back for a firmware (re-upload) and check them.
+
+    Refused unless ``content`` (a Django File) hashes to the recorded sha256: the signed manifest
+    names those bytes, and no others may take their place.
+    """
+    digest = hashlib.sha256()
+    for chunk in content.chunks():
+        digest.update(chunk)
+    if digest.hexdigest() != firmware.checksum:
+        raise StateConflict(
+            "These bytes do not match the firmware's recorded sha256.", code="checksum_mismatch"
+        )
+    content.seek(0)
+    storage = firmware.file.storage
+    name = str(firmware.file.name)
+    try:
+        storage.delete(name)
+    except OSError:
+        logger.warning("could not delete %s before restoring it", name, exc_info=True)
+    stored = storage.save(name, content, max_length=300)
+    if stored != name:
+        Firmware.objects.filter(pk=firmware.pk).update(file=stored)
+        firmware.file.name = stored
+    return verify_storage(firmware, actor=actor)
+
+
+def verify_all_storage(*, actor: Any = None) -> list[StorageCheck]:
+    """verify_storage over every published firmware (quarantined ones too, to lift it)."""
+    return [
+        verify_storage(firmware, actor=actor)
+        for firmware in Firmware.objects.filter(published_at__isnull=False).order_by(
+            "device_type", "version_key"
+        )
+    ]

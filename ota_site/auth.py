@@ -1,9 +1,12 @@
-"""Device access tokens: short-lived HS256 JWTs that authenticate a device without a database hit.
+"""How API callers authenticate: devices with short-lived JWTs, automation with API keys.
 
 A device trades its secret (``POST /api/v1/devices/token``) for a token that names the device, its
 type and its credential generation; every later call presents it as ``Authorization: Bearer``.
 Tokens live ``DEVICE_JWT_LIFETIME`` seconds (15 minutes by default), which bounds how long a
-revoked device keeps access.
+revoked device keeps access. HS256 tokens are checked without a database hit.
+
+CI pipelines send an API key (``ota_site.apikeys``) as ``Authorization: ApiKey <token>`` or
+``X-API-Key: <token>``; people use the session (console, admin) or HTTP Basic.
 """
 
 from __future__ import annotations
@@ -115,9 +118,54 @@ class DeviceJWTAuthentication(BaseAuthentication):
         return 'Bearer realm="devices"'
 
 
+class ApiKeyAuthentication(BaseAuthentication):
+    """``Authorization: ApiKey <token>`` or ``X-API-Key: <token>``; the key's role decides.
+
+    A key that is unknown, expired or revoked is refused with 401 and a code
+    (``api_key_invalid``, ``api_key_expired``, ``api_key_revoked``) rather than being ignored, so a
+    pipeline learns why. Keys need no CSRF token: no browser sends them on its own.
+    """
+
+    keyword = b"apikey"
+
+    def authenticate(self, request: Request) -> tuple[Any, Any] | None:
+        parts = get_authorization_header(request).split()
+        if parts and parts[0].lower() == self.keyword:
+            if len(parts) != 2:
+                raise exceptions.AuthenticationFailed(
+                    "The Authorization header must be 'ApiKey <token>'.", code="api_key_invalid"
+                )
+            raw: bytes | str = parts[1]
+        else:
+            raw = request.META.get("HTTP_X_API_KEY", "")
+            if not raw:
+                return None
+        try:
+            token = raw.decode("ascii") if isinstance(raw, bytes) else raw.encode("ascii").decode()
+        except (UnicodeDecodeError, UnicodeEncodeError) as exc:
+            raise exceptions.AuthenticationFailed(
+                "The API key is not valid.", code="api_key_invalid"
+            ) from exc
+
+        # Imported here: apikeys needs the models, and this module is loaded with the settings.
+        from ota_site import apikeys, context
+
+        bound = context.current()
+        ip = bound.ip if bound is not None else context.context_of(request).ip
+        try:
+            user = apikeys.authenticate(token.strip(), ip=ip)
+        except apikeys.ApiKeyError as exc:
+            raise exceptions.AuthenticationFailed(exc.detail, code=exc.code) from exc
+        return user, token
+
+    def authenticate_header(self, request: Request) -> str:
+        return 'ApiKey realm="api"'
+
+
 # Endpoints that both devices and people call (a device's own record, downloads, public keys).
 DEVICE_OR_OPERATOR_AUTH: list[type[BaseAuthentication]] = [
     DeviceJWTAuthentication,
+    ApiKeyAuthentication,
     SessionAuthentication,
     BasicAuthentication,
 ]

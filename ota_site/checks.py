@@ -5,6 +5,7 @@ A bad deployment fails at start with a message naming the setting, never on the 
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import os
 import sys
@@ -43,17 +44,18 @@ def check_configuration(app_configs: Any = None, **kwargs: Any) -> list[checks.C
             )
         )
     key_path = settings.FIRMWARE_SIGNING_KEY_PATH
-    if not key_path.is_file():
-        # The key is created on first use: its folder (or the nearest existing parent) must be
-        # writable by the server.
-        existing = next((p for p in (key_path.parent, *key_path.parents) if p.exists()), None)
-        if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK):
-            errors.append(
-                checks.Error(
-                    f"FIRMWARE_SIGNING_KEY_PATH={key_path} does not exist and cannot be created.",
-                    id="ota.E007",
-                )
+    # Signing keys live sealed in the database (firmware.signing); this setting only names the
+    # unencrypted key file of an older install, imported on first use. If it is there, it must be
+    # readable, or that key (which devices trust) could not be imported. `manage.py signing_key
+    # list` reports keys in the database that cannot be unsealed.
+    if key_path.exists() and (not key_path.is_file() or not os.access(key_path, os.R_OK)):
+        errors.append(
+            checks.Error(
+                f"FIRMWARE_SIGNING_KEY_PATH={key_path} (an older install's signing key, imported "
+                "into the database on first use) is not a readable file.",
+                id="ota.E007",
             )
+        )
     if settings.REDIS_URL:
         scheme = urlparse(settings.REDIS_URL).scheme
         if scheme not in {"redis", "rediss", "unix"}:
@@ -64,6 +66,7 @@ def check_configuration(app_configs: Any = None, **kwargs: Any) -> list[checks.C
                 )
             )
     errors.extend(_check_secrets_at_rest())
+    errors.extend(_check_signing_backend())
     for name in (
         "DEVICE_LAST_SEEN_INTERVAL",
         "DEVICE_POLL_INTERVAL",
@@ -97,6 +100,39 @@ def _check_secrets_at_rest() -> list[checks.CheckMessage]:
                 )
             )
     return errors
+
+
+def _check_signing_backend() -> list[checks.CheckMessage]:
+    """The signing backend is known; pkcs11 has python-pkcs11, a module, a token, a PIN (ota.E040).
+
+    Only what can be known without opening the token: logging in at every manage.py command
+    would spend PIN attempts. `manage.py signing_key list` opens it and reports a key it lacks.
+    """
+    backend = settings.FIRMWARE_SIGNING_BACKEND
+    if backend not in {"sealed", "pkcs11"}:
+        return [
+            checks.Error(
+                f"FIRMWARE_SIGNING_BACKEND={backend!r} is not 'sealed' or 'pkcs11'.", id="ota.E040"
+            )
+        ]
+    if backend != "pkcs11":
+        return []
+    problems: list[str] = []
+    if importlib.util.find_spec("pkcs11") is None:
+        problems.append("python-pkcs11 is not installed (pip install 'ota-server[hsm]')")
+    module = settings.PKCS11_MODULE
+    if not module:
+        problems.append("PKCS11_MODULE (the PKCS#11 library, a .so file) is not set")
+    elif not os.path.isfile(module):
+        problems.append(f"PKCS11_MODULE={module!r} is not a file")
+    if not settings.PKCS11_TOKEN_LABEL:
+        problems.append("PKCS11_TOKEN_LABEL is not set")
+    if not settings.PKCS11_PIN:
+        problems.append("PKCS11_PIN (or PKCS11_PIN_FILE) is not set")
+    return [
+        checks.Error(f"FIRMWARE_SIGNING_BACKEND=pkcs11: {problem}.", id="ota.E040")
+        for problem in problems
+    ]
 
 
 def fail_fast_on_config_errors() -> None:

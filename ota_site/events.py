@@ -3,20 +3,29 @@
 Every service that changes state calls ``record_event`` inside its transaction. The row is the
 truth (streams replay from it); the channel-layer message sent after commit only wakes consumers,
 so a failed publish (Redis down) loses nothing and never fails the caller.
+
+The row is also the audit trail: ``record_event`` adds the actor's kind (from the actor string),
+the client address and request id of the HTTP request being served (``ota_site.context``), and
+the ``changes`` the service passes as ``{field: [before, after]}`` (``diff`` and ``created`` build
+them).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
-from django.db import transaction
+from django.core.serializers.json import DjangoJSONEncoder
+from django.db import models, transaction
 
+from ota_site import context
 from ota_site.auth import DeviceIdentity
-from ota_site.models import Event, EventKind
+from ota_site.models import ActorKind, Event, EventKind
 
 logger = logging.getLogger(__name__)
 
@@ -40,15 +49,21 @@ def record_event(
     rollout_id: uuid.UUID | None = None,
     session_id: int | None = None,
     data: dict[str, Any] | None = None,
+    changes: Mapping[str, Any] | None = None,
 ) -> Event:
+    request = context.current()
     event = Event.objects.create(
         kind=kind,
         actor=actor[:100],
+        actor_kind=actor_kind_of(actor),
+        ip=request.ip if request else None,
+        request_id=request.request_id if request else "",
         device_id=device_id,
         firmware_id=firmware_id,
         rollout_id=rollout_id,
         session_id=session_id,
         data=data or {},
+        changes=jsonable(dict(changes)) if changes else {},
     )
     transaction.on_commit(lambda: publish(event))
     return event
@@ -72,12 +87,48 @@ def publish(event: Event) -> None:
 
 
 def actor_of(user: Any) -> str:
-    """How an event names whoever acted: a user, a device or the system."""
+    """How an event names whoever acted: ``user:<name>``, ``key:<prefix>`` (an API key),
+    ``device:<id>``, or the system (a command's or a task's own name)."""
     if user is None:
         return "system"
     if isinstance(user, DeviceIdentity):
         return str(user)
+    audit_name = getattr(user, "audit_name", None)  # API keys (ota_site.apikeys.ApiKeyUser)
+    if isinstance(audit_name, str):
+        return audit_name
     username = getattr(user, "get_username", None)
     if callable(username):
         return f"user:{username()}"
     return str(user)
+
+
+_ACTOR_KINDS = {"user": ActorKind.USER, "key": ActorKind.API_KEY, "device": ActorKind.DEVICE}
+
+
+def actor_kind_of(actor: str) -> ActorKind:
+    """The kind named by an ``actor_of`` string; anything else (commands, tasks) is the system."""
+    prefix, sep, _ = actor.partition(":")
+    return _ACTOR_KINDS.get(prefix, ActorKind.SYSTEM) if sep else ActorKind.SYSTEM
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` as plain JSON: rows by primary key, UUIDs and datetimes as strings."""
+    if isinstance(value, models.Model):
+        return str(value.pk)
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        items = [jsonable(v) for v in value]
+        return sorted(items, key=str) if isinstance(value, set | frozenset) else items
+    return json.loads(json.dumps(value, cls=DjangoJSONEncoder))
+
+
+def diff(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, list[Any]]:
+    """``{field: [before, after]}`` for the fields whose values differ (compared as JSON)."""
+    old, new = jsonable(dict(before)), jsonable(dict(after))
+    return {name: [old.get(name), new.get(name)] for name in new if old.get(name) != new.get(name)}
+
+
+def created(fields: Mapping[str, Any]) -> dict[str, list[Any]]:
+    """The changes of a creation: every field from nothing to its value."""
+    return {name: [None, value] for name, value in jsonable(dict(fields)).items()}

@@ -1,4 +1,4 @@
-"""Refuse oversized request bodies before anything reads them."""
+"""Refuse oversized request bodies before anything reads them; bind the request context."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from collections.abc import Callable
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse
 
+from ota_site.context import bound, context_of
 from ota_site.errors import json_error
 
 
@@ -33,3 +34,21 @@ class BodySizeLimitMiddleware:
                     413, "payload_too_large", f"The request body may be at most {limit} bytes."
                 )
         return self.get_response(request)
+
+
+class RequestContextMiddleware:
+    """Bind the client address and a request id for the audit log (``ota_site.context``).
+
+    The id is also sent back as ``X-Request-ID`` so that a support case can name the request, and
+    the audit rows of that request can be found by it.
+    """
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        context = context_of(request)
+        with bound(context):
+            response = self.get_response(request)
+        response.headers.setdefault("X-Request-ID", context.request_id)
+        return response

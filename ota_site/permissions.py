@@ -119,6 +119,11 @@ class RoleByMethod(BasePermission):
     """
 
     def has_permission(self, request: Request, view: Any) -> bool:
+        method = (request.method or "").lower()
+        if method not in getattr(view, "http_method_names", ()) or not hasattr(view, method):
+            # The view will answer 405; anyone who may read learns that, rather than a 403 for
+            # a method that does not exist.
+            return has_role(request.user, Role.VIEWER)
         if request.method in SAFE_METHODS:
             needed = getattr(view, "read_role", Role.VIEWER)
         elif request.method == "DELETE":

@@ -11,9 +11,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.contrib.auth.backends import ModelBackend
 from django.contrib.auth.models import Group, Permission, User
+from django.db import transaction
+from django.db.models import QuerySet
 
-from ota_site.permissions import Role
+from ota_site.events import actor_of, record_event
+from ota_site.models import EventKind
+from ota_site.permissions import ROLE_GROUPS, Role
 
 # Models whose records operators create and change (everything else they only view).
 OPERATOR_MODELS = {
@@ -54,16 +59,51 @@ def ensure_role_groups(**kwargs: Any) -> None:
         group.permissions.set(permissions_for(role))
 
 
-def set_role(user: User, role: Role | None) -> None:
-    """Make ``role`` the user's only role (None removes every role); staff access follows."""
-    role_groups = Group.objects.filter(name__in=[r.label for r in Role])
-    user.groups.remove(*role_groups)
-    if role is not None:
-        group, created = Group.objects.get_or_create(name=role.label)
-        if created:
-            group.permissions.set(permissions_for(role))
-        user.groups.add(group)
-    user.is_staff = role is not None or user.is_superuser
-    user.save(update_fields=["is_staff"])
+def group_role(user: User) -> Role | None:
+    """The role the user's groups give (what ``set_role`` set), superuser status aside."""
+    names = user.groups.filter(name__in=list(ROLE_GROUPS)).values_list("name", flat=True)
+    found = [ROLE_GROUPS[name] for name in names]
+    return max(found) if found else None
+
+
+def set_role(user: User, role: Role | None, *, actor: Any = None) -> None:
+    """Make ``role`` the user's only role (None removes every role); staff access follows.
+
+    A change is written to the audit log (``user.role_changed``, with before and after).
+    """
+    with transaction.atomic():
+        before = group_role(user)
+        role_groups = Group.objects.filter(name__in=[r.label for r in Role])
+        user.groups.remove(*role_groups)
+        if role is not None:
+            group, created = Group.objects.get_or_create(name=role.label)
+            if created:
+                group.permissions.set(permissions_for(role))
+            user.groups.add(group)
+        user.is_staff = role is not None or user.is_superuser
+        user.save(update_fields=["is_staff"])
+        if before != role:
+            record_event(
+                EventKind.USER_ROLE_CHANGED,
+                actor=actor_of(actor),
+                data={"user": user.get_username()},
+                changes={"role": [before.label if before else None, role.label if role else None]},
+            )
     if hasattr(user, "_ota_role_cache"):
         del user._ota_role_cache
+
+
+class RoleModelBackend(ModelBackend):
+    """Django's model backend, with permissions from the role groups only.
+
+    A permission given to a user directly, or through some other group, would let the admin allow
+    what the API (which asks ``role_of``) refuses; here the role is the only source.
+    """
+
+    def _get_user_permissions(self, user_obj: Any) -> QuerySet[Permission]:
+        return Permission.objects.none()
+
+    def _get_group_permissions(self, user_obj: Any) -> QuerySet[Permission]:
+        return Permission.objects.filter(
+            group__user=user_obj, group__name__in=[role.label for role in Role]
+        )

@@ -17,6 +17,8 @@ from typing import Any
 import environ
 from django.core.exceptions import ImproperlyConfigured
 
+from ota_site.ratelimit import parse_rate
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 env = environ.Env()
@@ -77,7 +79,7 @@ SECURE_PROXY_SSL_HEADER = (
 )
 
 INSTALLED_APPS = [
-    "django.contrib.admin",
+    "ota_site.admin_site.OtaAdminConfig",  # django.contrib.admin with the role check at the door
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
@@ -85,6 +87,7 @@ INSTALLED_APPS = [
     "whitenoise.runserver_nostatic",
     "django.contrib.staticfiles",
     "rest_framework",
+    "corsheaders",
     "django_filters",
     "drf_spectacular",
     "drf_spectacular_sidecar",
@@ -98,6 +101,10 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "ota_site.middleware.RequestContextMiddleware",
+    "corsheaders.middleware.CorsMiddleware",
+    # Early, so a refused request costs little; after CORS, so browsers can read its 429.
+    "ota_site.ratelimit.RateLimitMiddleware",
     "ota_site.middleware.BodySizeLimitMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -273,6 +280,29 @@ FIRMWARE_SIGNING_KEY_PATH = Path(
     env.str("FIRMWARE_SIGNING_KEY_PATH", default=str(VAR_DIR / "keys" / "firmware-ed25519.pem"))
 )
 FIRMWARE_CACHE_TIMEOUT = _typed("int", "FIRMWARE_CACHE_TIMEOUT", 3600)
+# Seconds between two storage read-back checks of published firmware (firmware.tasks; daily).
+FIRMWARE_VERIFY_INTERVAL = _typed("float", "FIRMWARE_VERIFY_INTERVAL", 86400.0)
+# Where new firmware signing keys are made: "sealed" (in the database, under the master key) or
+# "pkcs11" (generated in a PKCS#11 token/HSM that never lets them out; firmware.hsm, needs the
+# `hsm` extra). Keys already made stay where they are; check ota.E040.
+FIRMWARE_SIGNING_BACKEND = env.str("FIRMWARE_SIGNING_BACKEND", default="sealed")
+PKCS11_MODULE = env.str("PKCS11_MODULE", default="")  # e.g. /usr/lib/softhsm/libsofthsm2.so
+PKCS11_TOKEN_LABEL = env.str("PKCS11_TOKEN_LABEL", default="")
+PKCS11_PIN = _secret("PKCS11_PIN") or ""  # the user PIN, or PKCS11_PIN_FILE
+
+# --- TUF repository (firmware.tuf_repo; docs/security.md "TUF") ----------------------------------
+# The embedded mode (SQLite) creates a one-key repository on the first publish, its root key in
+# TUF_ROOT_KEY_DIR; production runs `manage.py tuf init` with offline root keys (check ota.W030).
+TUF_AUTO_INIT = _typed("bool", "TUF_AUTO_INIT", _db["ENGINE"] == "django.db.backends.sqlite3")
+TUF_ROOT_KEY_DIR = Path(env.str("TUF_ROOT_KEY_DIR", default=str(VAR_DIR / "keys" / "tuf-root")))
+# Off: metadata (it lists versions and device types) is for devices and signed-in users only.
+TUF_METADATA_PUBLIC = _typed("bool", "TUF_METADATA_PUBLIC", False)
+# Lifetimes in seconds; each role is re-signed once half of its lifetime is gone.
+TUF_ROOT_EXPIRY = _typed("int", "TUF_ROOT_EXPIRY", 365 * 86400)
+TUF_TARGETS_EXPIRY = _typed("int", "TUF_TARGETS_EXPIRY", 365 * 86400)
+TUF_SNAPSHOT_EXPIRY = _typed("int", "TUF_SNAPSHOT_EXPIRY", 7 * 86400)
+TUF_TIMESTAMP_EXPIRY = _typed("int", "TUF_TIMESTAMP_EXPIRY", 86400)
+TUF_REFRESH_INTERVAL = _typed("float", "TUF_REFRESH_INTERVAL", 3600.0)  # the beat task
 
 # --- Secrets at rest (ota_site.keystore) -------------------------------------------------------
 # Private keys in the database are sealed with this master key (base64 of 32 bytes). Unset, the
@@ -289,6 +319,23 @@ OTA_MASTER_KEYS_OLD = env.list("OTA_MASTER_KEYS_OLD", default=[])
 # these addresses or networks.
 TRUSTED_PROXIES = env.list("TRUSTED_PROXIES", default=[])
 
+
+# --- Rate limits (ota_site.ratelimit) -----------------------------------------------------------
+def _rate_limit(name: str, default: str) -> str:
+    """N/sec, N/min or N/hour; 0 or off turns the limit off; empty means the default."""
+    value = env.str(name, default="") or default
+    try:
+        parse_rate(value)
+    except ValueError as exc:
+        CONFIG_ERRORS.append(("ota.E013", f"{name}={value!r}: {exc}."))
+        return default
+    return value
+
+
+# Requests under /api/ and /tuf/ per device (by its access token) and per client address.
+RATE_LIMIT_DEVICE = _rate_limit("RATE_LIMIT_DEVICE", "10/min")
+RATE_LIMIT_IP = _rate_limit("RATE_LIMIT_IP", "100/min")
+
 # --- Devices --------------------------------------------------------------------------------
 # Device access tokens are HS256 JWTs signed with a key derived from SECRET_KEY unless set.
 DEVICE_JWT_SECRET = (
@@ -296,10 +343,19 @@ DEVICE_JWT_SECRET = (
     or hashlib.sha256(b"ota-device-jwt:" + SECRET_KEY.encode()).hexdigest()
 )
 DEVICE_JWT_LIFETIME = _typed("int", "DEVICE_JWT_LIFETIME", 900)  # seconds
+# API keys are stored as HMAC-SHA256 keyed by this (ota_site.apikeys); changing it invalidates
+# every key.
+API_KEY_HMAC_KEY = (
+    _secret("API_KEY_HMAC_KEY")
+    or hashlib.sha256(b"ota-api-key-hmac:" + SECRET_KEY.encode()).hexdigest()
+)
 DEVICE_LAST_SEEN_INTERVAL = _typed("int", "DEVICE_LAST_SEEN_INTERVAL", 60)  # write coalescing
 DEVICE_POLL_INTERVAL = _typed("int", "DEVICE_POLL_INTERVAL", 60)  # suggested to clients
 DEVICE_ONLINE_WINDOW = _typed("int", "DEVICE_ONLINE_WINDOW", 600)  # "online" if seen within
 DEVICE_METADATA_MAX_BYTES = _typed("int", "DEVICE_METADATA_MAX_BYTES", 16 * 1024)
+# Device certificates (devices.ca): what the device CA issues to CSR-enrolled devices.
+DEVICE_CERT_LIFETIME_DAYS = _typed("int", "DEVICE_CERT_LIFETIME_DAYS", 365)
+DEVICE_CA_LIFETIME_DAYS = _typed("int", "DEVICE_CA_LIFETIME_DAYS", 3650)  # `device_ca init` default
 
 # --- Rollouts --------------------------------------------------------------------------------
 ROLLOUT_EVALUATION_INTERVAL = _typed("float", "ROLLOUT_EVALUATION_INTERVAL", 5.0)  # seconds
@@ -307,6 +363,18 @@ ROLLOUT_CACHE_TIMEOUT = _typed("int", "ROLLOUT_CACHE_TIMEOUT", 10)  # live rollo
 # Device counts in rollout metrics (a scan of the targeted fleet) are reused this long.
 ROLLOUT_METRICS_CACHE_TIMEOUT = _typed("int", "ROLLOUT_METRICS_CACHE_TIMEOUT", 30)
 CELERY_BEAT_SCHEDULE = {
+    # Re-reads stored firmware and quarantines any whose bytes changed (firmware.tasks).
+    "verify-firmware-storage": {
+        "task": "firmware.tasks.verify_firmware_storage",
+        "schedule": FIRMWARE_VERIFY_INTERVAL,
+        "options": {"expires": FIRMWARE_VERIFY_INTERVAL},
+    },
+    # Re-signs TUF timestamp/snapshot/targets before they expire (firmware.tasks).
+    "refresh-tuf-metadata": {
+        "task": "firmware.tasks.refresh_tuf_metadata",
+        "schedule": TUF_REFRESH_INTERVAL,
+        "options": {"expires": TUF_REFRESH_INTERVAL},
+    },
     "evaluate-active-rollouts": {
         "task": "rollouts.tasks.evaluate_active_rollouts",
         "schedule": ROLLOUT_EVALUATION_INTERVAL,
@@ -319,11 +387,15 @@ CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celery" / "beat-schedule")
 
 # --- REST API -------------------------------------------------------------------------------
 REST_FRAMEWORK = {
+    # API keys first: DRF answers an unauthenticated request with the first class's challenge,
+    # so it gets 401 + WWW-Authenticate rather than 403. Session writes need the CSRF token.
     "DEFAULT_AUTHENTICATION_CLASSES": [
+        "ota_site.auth.ApiKeyAuthentication",
         "rest_framework.authentication.SessionAuthentication",
         "rest_framework.authentication.BasicAuthentication",
     ],
-    "DEFAULT_PERMISSION_CLASSES": ["ota_site.permissions.IsOperator"],
+    # Viewers read, operators write, admins delete; views that need more say so.
+    "DEFAULT_PERMISSION_CLASSES": ["ota_site.permissions.RoleByMethod"],
     "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"]
     + (["rest_framework.renderers.BrowsableAPIRenderer"] if DEBUG else []),
@@ -345,7 +417,36 @@ SPECTACULAR_SETTINGS = {
     "COMPONENT_SPLIT_REQUEST": True,
 }
 
+# --- Security headers and CORS ----------------------------------------------------------------
+# Browsers may call the API cross-origin only from these origins (default: none); the console and
+# admin are same-origin and never get CORS headers.
+CORS_ALLOWED_ORIGINS = env.list("CORS_ALLOWED_ORIGINS", default=[])
+CORS_URLS_REGEX = r"^/api/.*$"
+CORS_ALLOW_CREDENTIALS = False  # cross-origin callers use API keys, not our session cookie
+CORS_ALLOW_HEADERS = ("accept", "authorization", "content-type", "x-api-key", "x-request-id")
+CORS_EXPOSE_HEADERS = ("retry-after", "x-request-id")
+SECURE_CONTENT_TYPE_NOSNIFF = True
+X_FRAME_OPTIONS = "DENY"
+SECURE_REFERRER_POLICY = "same-origin"
+SECURE_CROSS_ORIGIN_OPENER_POLICY = "same-origin"
+SESSION_COOKIE_HTTPONLY = True
+SESSION_COOKIE_SAMESITE = "Lax"
+CSRF_COOKIE_SAMESITE = "Lax"
+if SECURE_PROXY_SSL_HEADER is not None:
+    # Served over TLS by our proxy: browsers must never use plain HTTP again and cookies go only
+    # over TLS. nginx redirects plain HTTP itself; Django's redirect stays opt-in, so health
+    # probes and in-cluster calls over plain HTTP keep working.
+    SECURE_HSTS_SECONDS = _typed("int", "SECURE_HSTS_SECONDS", 31536000)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = _typed("bool", "SECURE_HSTS_INCLUDE_SUBDOMAINS", True)
+    SECURE_HSTS_PRELOAD = _typed("bool", "SECURE_HSTS_PRELOAD", False)
+    SECURE_SSL_REDIRECT = _typed("bool", "SECURE_SSL_REDIRECT", False)
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+
 # --- Auth, i18n, logging --------------------------------------------------------------------
+# Only the role groups grant Django permissions (ota_site.roles): a permission given to one user
+# directly, or through another group, would let the admin disagree with the API.
+AUTHENTICATION_BACKENDS = ["ota_site.roles.RoleModelBackend"]
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},

@@ -2,14 +2,16 @@
 years, so v1 responses never change incompatibly."""
 
 from django.contrib import admin
-from django.urls import include, path
+from django.urls import include, path, re_path
 from django.views.generic import RedirectView
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import SimpleRouter
 
 from devices.api import views as devices
+from firmware.api import tuf_views
 from firmware.api import views as firmware
 from metrics import views as metrics
+from ota_site import api as core
 from rollouts.api import rollout_views
 from rollouts.api import views as rollouts
 
@@ -21,6 +23,7 @@ api_v1 = [
     path("devices", devices.DeviceListView.as_view(), name="device-list"),
     path("devices/register", devices.RegisterView.as_view(), name="device-register"),
     path("devices/token", devices.TokenView.as_view(), name="device-token"),
+    path("devices/enroll", devices.EnrollView.as_view(), name="device-enroll"),
     path("devices/<uuid:device_id>", devices.DeviceDetailView.as_view(), name="device-detail"),
     path(
         "devices/<uuid:device_id>/heartbeat",
@@ -28,6 +31,12 @@ api_v1 = [
         name="device-heartbeat",
     ),
     path("devices/<uuid:device_id>/retry", devices.RetryView.as_view(), name="device-retry"),
+    path(
+        "devices/<uuid:device_id>/certificate",
+        devices.CertificateView.as_view(),
+        name="device-certificate",
+    ),
+    path("devices/<uuid:device_id>/revoke", devices.RevokeView.as_view(), name="device-revoke"),
     # The update flow
     path(
         "devices/<uuid:device_id>/updates",
@@ -77,6 +86,14 @@ api_v1 = [
     path("firmware", firmware.FirmwareListView.as_view(), name="firmware-list"),
     path("firmware/keys", firmware.SigningKeyListView.as_view(), name="firmware-keys"),
     path(
+        "firmware/keys/rotate", firmware.SigningKeyRotateView.as_view(), name="firmware-key-rotate"
+    ),
+    path(
+        "firmware/keys/<str:key_id>/retire",
+        firmware.SigningKeyRetireView.as_view(),
+        name="firmware-key-retire",
+    ),
+    path(
         "firmware/<uuid:firmware_id>", firmware.FirmwareDetailView.as_view(), name="firmware-detail"
     ),
     path(
@@ -89,6 +106,11 @@ api_v1 = [
         firmware.DownloadView.as_view(),
         name="firmware-download",
     ),
+    # API keys and the audit log (admin)
+    path("api-keys", core.ApiKeyListView.as_view(), name="apikey-list"),
+    path("api-keys/<str:prefix>", core.ApiKeyDetailView.as_view(), name="apikey-detail"),
+    path("api-keys/<str:prefix>/revoke", core.ApiKeyRevokeView.as_view(), name="apikey-revoke"),
+    path("audit", core.AuditListView.as_view(), name="audit-list"),
     *router.urls,
 ]
 
@@ -97,6 +119,14 @@ urlpatterns = [
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
     path("health", metrics.health, name="health"),
+    # TUF metadata with consistent snapshots (firmware/api/tuf_views.py).
+    path("tuf/metadata/timestamp.json", tuf_views.TimestampView.as_view(), name="tuf-timestamp"),
+    re_path(
+        r"^tuf/metadata/(?P<version>[0-9]+)\.(?P<role>root|snapshot|targets)\.json$",
+        tuf_views.VersionedMetadataView.as_view(),
+        name="tuf-metadata",
+    ),
+    re_path(r"^tuf/(?P<path>.*)$", tuf_views.not_found),
     path("admin/", admin.site.urls),
     # The console arrives with issue 6; until then the admin is the console.
     path("", RedirectView.as_view(url="/admin/", permanent=False)),

@@ -9,9 +9,10 @@ from django.contrib import admin, messages
 from django.db.models import Count, Q, QuerySet
 from django.http import HttpRequest
 
-from ota_site.admin import events_table, uuid_or_none
+from ota_site.admin import events_table, role_allows, uuid_or_none
 from ota_site.errors import ServiceError
 from ota_site.models import Event
+from ota_site.permissions import Role
 from rollouts import lifecycle, services
 from rollouts.models import OPEN_STATUSES, Rollout, RolloutStage, UpdateSession
 
@@ -45,7 +46,7 @@ def _rollout_action(
             modeladmin.message_user(request, f"{description}: {done} rollout(s).", messages.SUCCESS)
 
     action.__name__ = transition.__name__
-    return admin.action(description=description, permissions=["change"])(action)
+    return admin.action(description=description, permissions=["control"])(action)
 
 
 @admin.register(Rollout)
@@ -115,6 +116,11 @@ class RolloutAdmin(admin.ModelAdmin):
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False  # history: cancel instead
 
+    def has_control_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("rollouts.change_rollout") and role_allows(
+            request, Role.OPERATOR
+        )
+
 
 @admin.register(UpdateSession)
 class UpdateSessionAdmin(admin.ModelAdmin):
@@ -181,7 +187,9 @@ class UpdateSessionAdmin(admin.ModelAdmin):
         return False  # history; sessions go only with their device
 
     def has_cancel_permission(self, request: HttpRequest) -> bool:
-        return request.user.has_perm("rollouts.change_updatesession")
+        return request.user.has_perm("rollouts.change_updatesession") and role_allows(
+            request, Role.OPERATOR
+        )
 
     @admin.display(description="Events")
     def session_events(self, session: UpdateSession) -> str:

@@ -22,7 +22,7 @@ from django.utils import timezone
 from devices.models import Device, DeviceGroup, DeviceStatus
 from firmware.models import Firmware
 from ota_site.errors import ServiceError, StateConflict
-from ota_site.events import actor_of, record_event
+from ota_site.events import actor_of, created, diff, record_event
 from ota_site.models import EventKind
 from ota_site.versions import InvalidVersion, Version, version_key
 from rollouts import targeting
@@ -178,9 +178,37 @@ def create_rollout(definition: Definition, *, actor: Any = None) -> Rollout:
         rollout.target_groups.set(definition.target_groups)
         _write_stages(rollout, definition.stages)
         rollout_event(
-            rollout, EventKind.ROLLOUT_CREATED, actor, firmware=definition.firmware.version
+            rollout,
+            EventKind.ROLLOUT_CREATED,
+            actor,
+            changes=created(_audited(rollout)),
+            firmware=definition.firmware.version,
         )
     return rollout
+
+
+def _audited(rollout: Rollout) -> dict[str, Any]:
+    """What the audit log records of a rollout's definition, before and after a change."""
+    return {
+        "name": rollout.name,
+        "firmware": rollout.firmware_id,
+        "from_version_min": rollout.from_version_min,
+        "from_version_max": rollout.from_version_max,
+        "metadata_filters": rollout.metadata_filters,
+        "success_threshold": rollout.success_threshold,
+        "rollback_threshold": rollout.rollback_threshold,
+        "min_devices": rollout.min_devices,
+        "device_timeout": rollout.device_timeout,
+        "auto_rollback": rollout.auto_rollback,
+        "start_at": rollout.start_at,
+        "target_groups": sorted(
+            str(pk) for pk in rollout.target_groups.values_list("pk", flat=True)
+        ),
+        "stages": [
+            [stage.name, stage.percentage, stage.min_duration]
+            for stage in rollout.stages.order_by("position")
+        ],
+    }
 
 
 def _write_stages(rollout: Rollout, stages: Iterable[StageSpec]) -> None:
@@ -223,6 +251,7 @@ def update_rollout(rollout: Rollout, changes: dict[str, Any], *, actor: Any = No
                 )
         elif locked.status != RolloutStatus.SCHEDULED:
             raise StateConflict(f"The rollout is {locked.status}.", code="rollout_finished")
+        before = _audited(locked)
         definition = _definition_of(locked)
         definition.success_threshold = locked.success_threshold
         definition.rollback_threshold = locked.rollback_threshold
@@ -254,7 +283,13 @@ def update_rollout(rollout: Rollout, changes: dict[str, Any], *, actor: Any = No
             locked.target_groups.set(definition.target_groups)
         if "stages" in changes:
             _write_stages(locked, definition.stages)
-        rollout_event(locked, EventKind.ROLLOUT_UPDATED, actor, changed=sorted(changes))
+        rollout_event(
+            locked,
+            EventKind.ROLLOUT_UPDATED,
+            actor,
+            changes=diff(before, _audited(locked)),
+            changed=sorted(changes),
+        )
         forget_live_specs()
     return locked
 
@@ -426,7 +461,14 @@ def forget_live_specs() -> None:
     transaction.on_commit(targeting.forget_live_specs)
 
 
-def rollout_event(rollout: Rollout, kind: EventKind, actor: Any, **data: Any) -> None:
+def rollout_event(
+    rollout: Rollout,
+    kind: EventKind,
+    actor: Any,
+    *,
+    changes: dict[str, Any] | None = None,
+    **data: Any,
+) -> None:
     """The event of a rollout transition (actor, reason and details), streamed after commit."""
     record_event(
         kind,
@@ -434,4 +476,5 @@ def rollout_event(rollout: Rollout, kind: EventKind, actor: Any, **data: Any) ->
         rollout_id=rollout.id,
         firmware_id=rollout.firmware_id,
         data={"status": rollout.status, "stage": rollout.current_stage, **data},
+        changes=changes,
     )

@@ -127,11 +127,10 @@ def check_for_update(device_id: Any, *, generation: int | None = None) -> Offer:
     )
     if device is None:
         raise SessionNotFound("This device no longer exists.", code="device_not_found")
-    if generation is not None and generation != device.credential_generation:
-        # Free here (the row is read anyway): a reset device is locked out at its next poll.
-        raise device_services.AuthenticationError(
-            "The device's credentials were reset; enroll again.", code="credentials_reset"
-        )
+    if generation is not None:
+        # Free here (the row is read anyway): a reset or revoked device is locked out at its
+        # next poll.
+        device_services.check_credentials(device, generation)
     latest = _parse_latest(device.latest_session)
     assigned_version = device.effective_target_version
     assigned = (

@@ -84,7 +84,11 @@ def live_specs() -> list[RolloutSpec]:
         return cached
     specs: dict[str, RolloutSpec] = {}
     rows = (
-        Rollout.objects.filter(status__in=[RolloutStatus.ACTIVE, RolloutStatus.PAUSED])
+        Rollout.objects.filter(
+            status__in=[RolloutStatus.ACTIVE, RolloutStatus.PAUSED],
+            # Firmware whose stored bytes failed verification is withdrawn from offers.
+            firmware__quarantined_at__isnull=True,
+        )
         .order_by("started_at", "id")
         .values(
             "id",
@@ -104,6 +108,8 @@ def live_specs() -> list[RolloutSpec]:
             "firmware__signing_key_id",
             "firmware__manifest",
             "firmware__metadata",
+            "firmware__release_counter",
+            "firmware__file",
             "stages__position",
             "stages__percentage",
         )
@@ -136,6 +142,12 @@ def live_specs() -> list[RolloutSpec]:
                     key_id=row["firmware__signing_key_id"] or "",
                     manifest=row["firmware__manifest"],
                     min_version=metadata.get("min_version") or None,
+                    release_counter=row["firmware__release_counter"],
+                    tuf_target=firmware_services.tuf_target_path(
+                        row["firmware__device_type"],
+                        row["firmware__version"],
+                        row["firmware__file"] or "",
+                    ),
                 ),
             )
             specs[rollout_id] = spec

@@ -33,6 +33,9 @@ def _isolated(settings: Any, tmp_path: Any) -> None:
         "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
     }
     settings.FIRMWARE_SIGNING_KEY_PATH = tmp_path / "keys" / "signing.pem"
+    # Rate limits are off unless a test turns them on (tests/test_rate_limits.py): the cast makes
+    # many requests from one address within a second.
+    settings.RATE_LIMIT_DEVICE = settings.RATE_LIMIT_IP = "off"
     caches = {name: dict(config) for name, config in settings.CACHES.items()}
     worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
     caches["default"]["KEY_PREFIX"] = f"test:{worker}:{uuid.uuid4().hex[:12]}"
@@ -64,6 +67,13 @@ def viewer(db: Any) -> User:
 def operator_api(operator: User) -> APIClient:
     client = APIClient()
     client.force_login(operator)
+    return client
+
+
+@pytest.fixture
+def admin_api(admin_user: User) -> APIClient:
+    client = APIClient()
+    client.force_login(admin_user)
     return client
 
 

@@ -34,6 +34,9 @@ def server_env(var_dir: Path, **extra: str) -> dict[str, str]:
     # connection per process keeps them all under PostgreSQL's max_connections, where a pool per
     # process (which keeps a spare) would not. The production-mode test turns the pool back on.
     env.update(OTA_VAR_DIR=str(var_dir), PYTHONUNBUFFERED="1", DATABASE_POOL="false")
+    # No rate limits: live tests run hundreds of simulated devices from 127.0.0.1. The rate-limit
+    # tests turn them on through `extra`.
+    env.update(RATE_LIMIT_DEVICE="off", RATE_LIMIT_IP="off")
     env.update(extra)
     return env
 

@@ -37,7 +37,7 @@ def test_the_embedded_default_is_valid(tmp_path: Path) -> None:
         ({"STORAGE": "s3"}, "ota.E004"),
         ({"FIRMWARE_MAX_UPLOAD_SIZE": "0"}, "ota.E005"),
         ({"DEVICE_JWT_LIFETIME": "0"}, "ota.E006"),
-        ({"FIRMWARE_SIGNING_KEY_PATH": "/etc/hostname/keys/key.pem"}, "ota.E007"),
+        ({"FIRMWARE_SIGNING_KEY_PATH": "/etc"}, "ota.E007"),  # a folder, not a key file
         ({"REDIS_URL": "http://127.0.0.1:6379"}, "ota.E008"),
         ({"DEVICE_POLL_INTERVAL": "-5"}, "ota.E009"),
         ({"DJANGO_SECRET_KEY_FILE": "/nonexistent/secret"}, "ota.E001"),

@@ -110,8 +110,12 @@ def test_device_reads_only_itself(device_a: DeviceActor, device_b: DeviceActor) 
     assert device_b.refresh().current_version == "1.0.0"
 
 
-def test_delete_keeps_the_history(operator_api: APIClient, device_a: DeviceActor) -> None:
-    assert operator_api.delete(f"/api/v1/devices/{device_a.id}").status_code == 204
+def test_delete_keeps_the_history(
+    operator_api: APIClient, admin_api: APIClient, device_a: DeviceActor
+) -> None:
+    # Deleting is for admins.
+    assert operator_api.delete(f"/api/v1/devices/{device_a.id}").status_code == 403
+    assert admin_api.delete(f"/api/v1/devices/{device_a.id}").status_code == 204
     assert not Device.objects.filter(pk=device_a.id).exists()
     assert Event.objects.filter(device_id=device_a.id, kind="device.deleted").exists()
     # Its token now leads nowhere.

@@ -179,7 +179,9 @@ def test_embedded_mode_needs_no_service(tmp_path: Path) -> None:
         device_flow(base, env)
     assert (tmp_path / "db.sqlite3").is_file()
     assert list((tmp_path / "media" / "firmware").rglob("image.bin"))
-    assert (tmp_path / "keys" / "firmware-ed25519.pem").is_file()
+    # The signing key is sealed in the database under the embedded master key; no key file.
+    assert (tmp_path / "keys" / "master.key").is_file()
+    assert not (tmp_path / "keys" / "firmware-ed25519.pem").exists()
 
 
 @pytest.fixture

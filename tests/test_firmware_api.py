@@ -149,6 +149,7 @@ def test_publish_signs_the_canonical_manifest(operator_api: APIClient) -> None:
         "size": firmware.file_size,
         "sha256": firmware.checksum,
         "min_version": "1.0.0",
+        "release_counter": 0,
     }
     assert body["manifest"] == json.dumps(manifest, sort_keys=True, separators=(",", ":"))
     key = operator_api.get("/api/v1/firmware/keys").json()[0]
@@ -171,12 +172,14 @@ def test_publish_refuses_a_stored_file_that_does_not_match(operator_api: APIClie
     assert not firmware.is_published
 
 
-def test_signing_key_is_created_once_outside_the_repo(operator_api: APIClient, settings) -> None:
+def test_signing_key_is_created_once_sealed_in_the_database(
+    operator_api: APIClient, settings
+) -> None:
     for version in ("1.0.0", "1.1.0"):
         firmware = FirmwareFactory.create(version=version)
         operator_api.post(f"/api/v1/firmware/{firmware.id}/publish")
-    assert settings.FIRMWARE_SIGNING_KEY_PATH.is_file()
-    assert settings.FIRMWARE_SIGNING_KEY_PATH.stat().st_mode & 0o777 == 0o600
+    # No key file any more (tests/test_signing_keys.py covers custody).
+    assert not settings.FIRMWARE_SIGNING_KEY_PATH.exists()
     assert len({f.signing_key_id for f in Firmware.objects.all()}) == 1
 
 
@@ -195,10 +198,10 @@ def test_list_filter_and_detail(operator_api: APIClient) -> None:
 
 
 def test_delete_is_refused_while_a_session_refers_to_it(
-    operator_api: APIClient, published: Firmware, device_a: DeviceActor
+    admin_api: APIClient, published: Firmware, device_a: DeviceActor
 ) -> None:
     UpdateSession.objects.create(device=device_a.device, firmware=published)
-    reply = operator_api.delete(f"/api/v1/firmware/{published.id}")
+    reply = admin_api.delete(f"/api/v1/firmware/{published.id}")
     assert reply.status_code == 409 and reply.json()["code"] == "firmware_in_use"
     assert Firmware.objects.filter(pk=published.pk).exists()
     with published.file.open("rb"):
@@ -206,12 +209,12 @@ def test_delete_is_refused_while_a_session_refers_to_it(
 
 
 def test_delete_removes_row_and_file_after_commit(
-    operator_api: APIClient, django_capture_on_commit_callbacks
+    admin_api: APIClient, django_capture_on_commit_callbacks
 ) -> None:
     firmware = FirmwareFactory.create(version="1.2.0")
     path = Path(firmware.file.path)
     with django_capture_on_commit_callbacks(execute=True):
-        assert operator_api.delete(f"/api/v1/firmware/{firmware.id}").status_code == 204
+        assert admin_api.delete(f"/api/v1/firmware/{firmware.id}").status_code == 204
     assert not Firmware.objects.filter(pk=firmware.pk).exists()
     assert not path.exists()
 

@@ -10,11 +10,12 @@ Phases (persisted)          What the next step does, also after a restart in tha
 -------------------------   ------------------------------------------------------------------
 ``idle``                    send queued reports, heartbeat if the running version changed, ask
                             the server for an update; verify the offer (signature, manifest,
-                            device type, version rules, min_version) before any download. A bad
-                            offer is reported ``failed`` with the reason; a good one starts
-                            ``downloading``.
+                            device type, version rules, min_version, release counter, TUF
+                            metadata and target) before any download. A bad offer is reported
+                            ``failed`` with the reason; a good one starts ``downloading``.
 ``downloading``             download (resuming download.part), check size + sha256 against the
-                            signed manifest, rename it to download.img -> ``downloaded``. A
+                            signed manifest and the TUF target, rename it to download.img ->
+                            ``downloaded``. A
                             corrupt image is thrown away and downloaded afresh, at most
                             ``download.attempts`` times in all; then the session is reported
                             ``failed``. Offline: stay here and try again later.
@@ -57,8 +58,9 @@ import random
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
-from ota_client import faults
+from ota_client import faults, tuf_client
 from ota_client.api import Offline, Refused, ServerClient
 from ota_client.config import Config, make_system
 from ota_client.downloader import Downloader, DownloadRejected, ResumePoint
@@ -82,6 +84,8 @@ from ota_client.system import SystemInterface, fsync_dir
 from ota_client.verifier import (
     Offer,
     VerificationError,
+    save_trusted_keys,
+    trusted_after,
     verify_image,
     verify_offer,
 )
@@ -139,6 +143,7 @@ class Agent:
         self.poll_interval = config.poll_interval
         self.log = DeviceLog(logger, {"device": config.hardware_id})
         self.link = ServerLink(config, self.server, self.outbox, self.log)
+        self._warned_without_tuf = False
 
     # --- Public API -----------------------------------------------------------------------------
 
@@ -242,19 +247,23 @@ class Agent:
             return StepResult(Outcome.IDLE, f"running uncommitted slot {booted}; not installing")
         try:
             offer = Offer.from_check(body)
+            trusted = self._trusted_keys()
             verify_offer(
                 offer,
-                trusted_keys=self._trusted_keys(),
+                trusted_keys=trusted,
                 device_type=self.config.device_type,
                 installed_version=self.running_version(),
             )
+            self._learn_keys(offer, trusted)
+            self._check_release_counter(offer)
+            tuf_target = self._check_tuf(offer)
         except VerificationError as exc:
             self.log.warning("refusing the update of session %s: %s", session_id, exc)
             self.outbox.add_status(session_id, "failed", error_message=f"rejected: {exc}")
             self._remember(session_id, str(body.get("version", "")), "failed", str(exc))
             self._flush_best_effort()
             return StepResult(Outcome.PROGRESS)
-        except Offline as exc:  # fetching the keys on first use
+        except Offline as exc:  # fetching the keys on first use, or the TUF metadata
             return StepResult(Outcome.OFFLINE, str(exc), exc.retry_after)
         except Refused as exc:
             return StepResult(Outcome.ERROR, str(exc))
@@ -268,6 +277,7 @@ class Agent:
         )
         self._discard_download()
         self.state.offer = offer.to_dict()
+        self.state.tuf_target = tuf_target
         self.state.target_slot = self.system.inactive_slot()
         self.state.from_slot = booted
         self.state.from_version = self.running_version()
@@ -296,6 +306,8 @@ class Agent:
         try:
             digest = downloader.download(offer.url, offer.size, resume)
             verify_image(offer, sha256=digest, size=self.part_path.stat().st_size)
+            if self.state.tuf_target is not None:
+                tuf_client.verify_file(self.state.tuf_target, self.part_path)
         except Offline as exc:
             return StepResult(Outcome.OFFLINE, f"download: {exc}", exc.retry_after)
         except _SessionClosed as exc:
@@ -431,6 +443,9 @@ class Agent:
     def _step_committed(self) -> StepResult:
         offer = self._offer()
         self.outbox.add_validation(offer.session_id, success=True, version=self.running_version())
+        # Only a committed image raises the counter (saved with the outcome by _finish): an
+        # update that failed its trial leaves the device able to return to what it ran.
+        self.state.release_counter = max(self.state.release_counter, offer.release_counter)
         self._finish("success", "")
         return StepResult(Outcome.PROGRESS)
 
@@ -493,6 +508,7 @@ class Agent:
         self.state.from_slot = None
         self.state.from_version = None
         self.state.failure = None
+        self.state.tuf_target = None
         self.state.download_attempts = 0
         self.state.install_attempts = 0
         self._save()
@@ -574,6 +590,47 @@ class Agent:
 
     def _trusted_keys(self) -> dict[str, str]:
         return self.link.trusted_keys()
+
+    def _check_release_counter(self, offer: Offer) -> None:
+        if offer.release_counter < self.state.release_counter:
+            raise VerificationError(
+                f"release counter {offer.release_counter} of {offer.version} is below this "
+                f"device's {self.state.release_counter}: that image may never be installed again"
+            )
+
+    def _check_tuf(self, offer: Offer) -> dict[str, Any] | None:
+        """The offer's TUF target (tuf_client.check_offer), or None where TUF is not set up and
+        ``allow_without_tuf`` permits it (simulators and tests only)."""
+        if self.config.tuf_root is None:
+            if not self.config.allow_without_tuf:
+                raise VerificationError(
+                    "no TUF root is configured (trust.tuf_root): updates are refused without "
+                    "TUF verification"
+                )
+            if not self._warned_without_tuf:
+                self._warned_without_tuf = True
+                self.log.warning("installing without TUF verification (allow_without_tuf)")
+            return None
+        try:
+            return tuf_client.check_offer(self.config, self.server, offer)
+        except Offline as exc:
+            self.log.warning("TUF metadata unavailable, not installing now: %s", exc)
+            raise
+
+    def _learn_keys(self, offer: Offer, trusted: dict[str, str]) -> None:
+        """After a verified offer: trust the keys its chain endorsed, drop the keys a trusted
+        key signed the retirement of (``verifier.trusted_after``); one atomic write."""
+        updated = trusted_after(offer, trusted)
+        if updated == trusted:
+            return
+        save_trusted_keys(self.config.trusted_keys_path, updated)
+        added = sorted(set(updated) - set(trusted))
+        dropped = sorted(set(trusted) - set(updated))
+        self.log.warning(
+            "signing keys: now trusting %s; dropped retired %s",
+            ", ".join(added) or "-",
+            ", ".join(dropped) or "-",
+        )
 
     def _heartbeat(self) -> None:
         version = self.running_version()

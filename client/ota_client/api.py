@@ -5,7 +5,7 @@ Two kinds of failure, because the agent treats them differently:
 ``Offline``
     The server could not be reached or could not answer now: connection errors, timeouts, 5xx,
     and 429/503 (with the server's ``Retry-After`` in ``retry_after``). Try again later; nothing
-    is wrong with the request.
+    is wrong with the request. A 429 is ``RateLimited``, a kind of ``Offline``.
 ``Refused``
     The server answered 4xx with its ``{code, detail}``. Sending the same request again will not
     help.
@@ -15,6 +15,12 @@ Authentication is handled here: the device enrolls once (credentials in
 access tokens, fetches a new token when one expires (401 ``token_expired``), and enrolls again
 when an operator reset its credentials (401 ``credentials_reset``) if an enrollment token is
 configured. Every call has a timeout.
+
+Rate limits: a 429 whose ``Retry-After`` is at most ``RATE_LIMIT_MAX_WAIT`` is waited out (plus a
+little jitter, so devices behind one address do not come back at the same instant) and the
+request sent once more; it is not a failure of anything. A longer wait, or a second 429, raises
+``RateLimited`` and the agent comes back after ``retry_after``. Calls made while a download stream
+is open pass ``wait=False``: sleeping there would stall the stream.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -33,6 +40,7 @@ import requests
 
 from ota_client import __version__
 from ota_client.config import Config
+from ota_client.identity import Identity, IdentityError
 from ota_client.system import atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -41,6 +49,8 @@ USER_AGENT = f"ota-client/{__version__}"
 # Refresh a little before the server's expiry so a token never dies in the middle of a call.
 TOKEN_MARGIN = 30.0
 MAX_REDIRECTS = 3
+# The longest Retry-After of a 429 that a call waits out itself before it gives up for this cycle.
+RATE_LIMIT_MAX_WAIT = 60.0
 
 
 class ServerError(Exception):
@@ -53,6 +63,10 @@ class Offline(ServerError):
     def __init__(self, message: str, *, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class RateLimited(Offline):
+    """429: the device (or its address) made too many requests; come back after retry_after."""
 
 
 class Refused(ServerError):
@@ -106,6 +120,8 @@ class ServerClient:
         session: requests.Session | None = None,
         running_version: Callable[[], str] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+        rate_limit_max_wait: float = RATE_LIMIT_MAX_WAIT,
     ) -> None:
         self.config = config
         self.http = session or requests.Session()
@@ -113,7 +129,12 @@ class ServerClient:
         # Registration tells the server what the device runs; the agent knows, not the config.
         self.running_version = running_version or (lambda: config.current_version)
         self.clock = clock
+        self.sleep = sleep
+        self.rate_limit_max_wait = rate_limit_max_wait
         self.credentials_path = config.state_dir / "credentials.json"
+        # With [identity] certificate = true: enrolled by CSR, tokens by mTLS (no secret).
+        self.identity = Identity(config.state_dir) if config.use_certificate else None
+        self._use_client_certificate()
         self._token: str | None = None
         self._token_expires = 0.0
         self.enrolled_now = False  # set when this process enrolled (for trust-on-first-use)
@@ -132,7 +153,8 @@ class ServerClient:
         except (OSError, ValueError) as exc:
             # A broken file cannot be repaired by us; enrolling again needs an operator's reset.
             raise Refused(0, "credentials_unreadable", f"{self.credentials_path}: {exc}") from exc
-        return Credentials(device_id=data["device_id"], device_secret=data["device_secret"])
+        # A device enrolled by CSR has no secret: its certificate is its credential.
+        return Credentials(device_id=data["device_id"], device_secret=data.get("device_secret", ""))
 
     def device_id(self) -> str:
         return self.ensure_enrolled().device_id
@@ -154,9 +176,16 @@ class ServerClient:
             "current_version": self.running_version(),
             "metadata": self.config.metadata,
         }
-        reply = self._checked(self._send("POST", self._url("/api/v1/devices/register"), json=body))
+        if self.identity is not None:
+            body["csr"] = self.identity.csr()
+            path = "/api/v1/devices/enroll"
+        else:
+            path = "/api/v1/devices/register"
+        reply = self._checked(self._send("POST", self._url(path), json=body))
+        if self.identity is not None:
+            self._save_certificate(reply)
         credentials = Credentials(
-            device_id=str(reply["device_id"]), device_secret=str(reply["device_secret"])
+            device_id=str(reply["device_id"]), device_secret=str(reply.get("device_secret") or "")
         )
         self._save_credentials(credentials)
         self._remember_token(reply)
@@ -186,20 +215,44 @@ class ServerClient:
         credentials = self.ensure_enrolled()
         if self._token is not None and self.clock() < self._token_expires:
             return self._token  # enrolling just now came with a token
-        response = self._send(
-            "POST",
-            self._url("/api/v1/devices/token"),
-            json={"device_id": credentials.device_id, "secret": credentials.device_secret},
-        )
+        if credentials.device_secret:
+            body = {"device_id": credentials.device_id, "secret": credentials.device_secret}
+        else:
+            # No secret: the TLS connection carries the device certificate (mTLS via nginx).
+            body = {"device_id": credentials.device_id}
+        response = self._send("POST", self._url("/api/v1/devices/token"), json=body)
         if response.status_code == 401 and self.config.read_enrollment_token():
-            # The secret no longer works: an operator reset the device's credentials.
-            logger.warning("the device secret was refused; enrolling again")
+            # The credential no longer works: an operator reset the device's credentials.
+            logger.warning("the device credential was refused; enrolling again")
             self.enroll()
             assert self._token is not None
             return self._token
         self._remember_token(self._checked(response))
         assert self._token is not None
         return self._token
+
+    def _use_client_certificate(self) -> None:
+        cert = self.identity.client_cert() if self.identity is not None else None
+        if cert is not None:
+            self.http.cert = cert
+
+    def _save_certificate(self, reply: Mapping[str, Any]) -> None:
+        assert self.identity is not None
+        try:
+            self.identity.save_certificate(
+                str(reply["certificate"]), str(reply.get("ca_certificate") or "")
+            )
+        except (KeyError, IdentityError) as exc:
+            raise Refused(0, "certificate_invalid", f"the issued certificate: {exc}") from exc
+        self._use_client_certificate()
+
+    def renew_certificate(self) -> None:
+        """Ask for a new certificate for the device key (before the current one expires)."""
+        if self.identity is None:
+            return
+        path = f"/api/v1/devices/{self.device_id()}/certificate"
+        reply = self.call("POST", path, json={"csr": self.identity.csr()})
+        self._save_certificate(self._dict(reply))
 
     # --- Calls ---------------------------------------------------------------------------------
 
@@ -211,11 +264,11 @@ class ServerClient:
         body = {"current_version": current_version, "metadata": dict(metadata)}
         return self._dict(self.call("POST", path, json=body))
 
-    def report_status(self, body: Mapping[str, Any]) -> dict[str, Any]:
-        return self._dict(self.call("POST", "/api/v1/status", json=dict(body)))
+    def report_status(self, body: Mapping[str, Any], *, wait: bool = True) -> dict[str, Any]:
+        return self._dict(self.call("POST", "/api/v1/status", json=dict(body), wait=wait))
 
-    def report_validation(self, body: Mapping[str, Any]) -> dict[str, Any]:
-        return self._dict(self.call("POST", "/api/v1/validation", json=dict(body)))
+    def report_validation(self, body: Mapping[str, Any], *, wait: bool = True) -> dict[str, Any]:
+        return self._dict(self.call("POST", "/api/v1/validation", json=dict(body), wait=wait))
 
     def public_keys(self) -> list[dict[str, Any]]:
         reply = self.call("GET", "/api/v1/firmware/keys")
@@ -223,12 +276,13 @@ class ServerClient:
             raise Offline("the key list is not a JSON list")
         return [item for item in reply if isinstance(item, dict)]
 
-    def call(self, method: str, path: str, *, json: Any = None) -> Any:
-        """An authenticated call; refreshes the token or enrolls again when the server asks."""
+    def call(self, method: str, path: str, *, json: Any = None, wait: bool = True) -> Any:
+        """An authenticated call; refreshes the token or enrolls again when the server asks.
+        ``wait=False``: a 429 raises RateLimited at once instead of being waited out."""
         refreshed = reenrolled = False
         while True:
             headers = {"Authorization": f"Bearer {self.access_token()}"}
-            response = self._send(method, self._url(path), json=json, headers=headers)
+            response = self._send(method, self._url(path), json=json, headers=headers, wait=wait)
             if response.status_code == 401:
                 code, _ = error_of(response)
                 if code in ("token_expired", "token_invalid") and not refreshed:
@@ -299,23 +353,44 @@ class ServerClient:
         headers: Mapping[str, str] | None = None,
         stream: bool = False,
         timeout: tuple[float, float] | None = None,
+        wait: bool = True,
     ) -> requests.Response:
-        try:
-            return self.http.request(
-                method,
-                url,
-                json=json,
-                headers=dict(headers or {}),
-                timeout=timeout or self.timeout,
-                stream=stream,
-                allow_redirects=False,
-            )
-        except requests.RequestException as exc:
-            raise Offline(f"{method} {urlsplit(url).path}: {type(exc).__name__}: {exc}") from exc
+        """Send once; after a 429 with a short enough Retry-After, wait and send once more."""
+        waited = False
+        while True:
+            try:
+                response = self.http.request(
+                    method,
+                    url,
+                    json=json,
+                    headers=dict(headers or {}),
+                    timeout=timeout or self.timeout,
+                    stream=stream,
+                    allow_redirects=False,
+                )
+            except requests.RequestException as exc:
+                path = urlsplit(url).path
+                raise Offline(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
+            if response.status_code != 429 or waited or not wait:
+                return response
+            delay = retry_after_seconds(response.headers.get("Retry-After"))
+            if delay is None or delay > self.rate_limit_max_wait:
+                return response
+            response.close()
+            waited = True
+            delay += random.uniform(0.0, 0.5 + delay * 0.1)  # noqa: S311 (jitter)
+            logger.info("rate limited on %s %s; retrying in %.1f s", method, url, delay)
+            self.sleep(delay)
 
     def _checked(self, response: requests.Response) -> Any:
         status = response.status_code
-        if status in (429, 503) or status >= 500:
+        if status == 429:
+            code, detail = error_of(response)
+            raise RateLimited(
+                f"{status} {code}: {detail}",
+                retry_after=retry_after_seconds(response.headers.get("Retry-After")),
+            )
+        if status == 503 or status >= 500:
             code, detail = error_of(response)
             raise Offline(
                 f"{status} {code}: {detail}",

@@ -3,6 +3,8 @@
     ota-client run    --config FILE   poll and update forever (the systemd service)
     ota-client once   --config FILE   one cycle: step until idle, offline, or waiting for a reboot
     ota-client status --config FILE   print the state as JSON
+    ota-client enroll --config FILE [--csr]
+                                      enroll now (by CSR with --csr: a device key and certificate)
     ota-client simulate --devices N --server URL --enrollment-token T --device-type T ...
                                       a fleet of virtual devices in threads (ota_client.simulate)
 
@@ -93,6 +95,36 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return simulate.main(args)
 
 
+def cmd_enroll(args: argparse.Namespace) -> int:
+    """Enroll now, with the enrollment token; --csr (or [identity] certificate = true) makes a
+    device key and gets a certificate instead of a secret. A device that is enrolled already
+    keeps its credentials."""
+    from ota_client.api import Offline, Refused, ServerClient
+
+    config = load_config(args)
+    if args.csr:
+        config = config.with_overrides(use_certificate=True)
+    client = ServerClient(config)
+    try:
+        credentials = client.ensure_enrolled()
+    except Offline as exc:
+        print(f"ota-client: {exc}", file=sys.stderr)
+        return EXIT_OFFLINE
+    except Refused as exc:
+        print(f"ota-client: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    identity = client.identity
+    result = {
+        "device_id": credentials.device_id,
+        "enrolled_now": client.enrolled_now,
+        "certificate": str(identity.certificate_path)
+        if identity is not None and identity.has_certificate()
+        else None,
+    }
+    print(json.dumps(result))
+    return 0
+
+
 # Subcommands by name. `simulate` runs N virtual devices on this client code: agents are
 # independent objects (own Config, state_dir, FileSystemInterface, health check and reboot
 # hook), so many run in threads.
@@ -101,6 +133,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "once": cmd_once,
     "status": cmd_status,
     "simulate": cmd_simulate,
+    "enroll": cmd_enroll,
 }
 
 
@@ -120,6 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
         commands.add_parser("once", help="one cycle: until idle or waiting for a reboot")
     )
     add_config_arguments(commands.add_parser("status", help="print the client's state as JSON"))
+    enroll = commands.add_parser("enroll", help="enroll now (with --csr: by certificate)")
+    add_config_arguments(enroll)
+    enroll.add_argument(
+        "--csr",
+        action="store_true",
+        help="make a device key and enroll by CSR: the device authenticates by certificate",
+    )
     simulate.add_arguments(
         commands.add_parser(
             "simulate", help="run N virtual devices against a server (docs/client.md)"

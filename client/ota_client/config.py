@@ -60,9 +60,20 @@ class Config:
     backend: str = "file"
     backend_options: dict[str, Any] = field(default_factory=dict)
 
+    # [identity]
+    #: Enroll by CSR and authenticate with a device certificate over mTLS instead of a secret.
+    use_certificate: bool = False
+
     # [trust]
     trusted_keys: Path | None = None
     trust_on_first_use: bool = False
+    #: The TUF root.json the device ships with (its trust anchor for /tuf/metadata/).
+    tuf_root: Path | None = None
+    #: Where the metadata is (default: <server>/tuf/metadata/); a mirror gets no device token.
+    tuf_metadata_url: str | None = None
+    tuf_deadline: float = 60.0  # seconds for all metadata of one update check
+    #: Without tuf_root, updates are refused unless this is set (simulators and tests only).
+    allow_without_tuf: bool = False
 
     @property
     def trusted_keys_path(self) -> Path:
@@ -147,10 +158,16 @@ class Config:
             backend=backend,
             backend_options=boot.table(backend),
         )
+        identity = reader.section("identity")
+        values.update(use_certificate=identity.flag("certificate", False))
         trust = reader.section("trust")
         values.update(
             trusted_keys=trust.path("keys_file", required=False),
             trust_on_first_use=trust.flag("trust_on_first_use", False),
+            tuf_root=trust.path("tuf_root", required=False),
+            tuf_metadata_url=trust.text("tuf_metadata_url", required=False) or None,
+            tuf_deadline=trust.number("tuf_deadline", 60.0),
+            allow_without_tuf=trust.flag("allow_without_tuf", False),
         )
         config = cls(**values)
         return config.with_overrides(**overrides) if overrides else _validated(config)
@@ -183,6 +200,10 @@ def _validated(config: Config) -> Config:
         raise ConfigError("download.progress_interval and download.deadline must be positive")
     if config.connect_timeout <= 0 or config.request_timeout <= 0:
         raise ConfigError("http timeouts must be positive")
+    if config.tuf_deadline <= 0:
+        raise ConfigError("trust.tuf_deadline must be positive")
+    if config.tuf_metadata_url and not config.tuf_metadata_url.startswith(("http://", "https://")):
+        raise ConfigError("trust.tuf_metadata_url must be an http:// or https:// URL")
     return replace(config, server=config.server.rstrip("/"))
 
 

@@ -3,6 +3,11 @@ and the signing keys it trusts.
 
 The reports go through the outbox (``ota_client.outbox``): the device keeps installing, rebooting
 and validating without the server and delivers them, in order, when it can.
+
+Rate limits (429): the server is there, only busy with us. So a 429 never marks it unreachable:
+best-effort sends pause until its Retry-After has passed and then go on in the same cycle. While a
+download stream is open they do not wait for it either (the stream would stall); the reports stay
+queued and go with a later progress tick.
 """
 
 from __future__ import annotations
@@ -11,12 +16,14 @@ import logging
 from typing import Any
 
 from ota_client import __version__
-from ota_client.api import Offline, Refused, ServerClient
+from ota_client.api import Offline, RateLimited, Refused, ServerClient
 from ota_client.config import Config
 from ota_client.outbox import STATUS, Outbox, Report
 from ota_client.verifier import keys_from_server, load_trusted_keys, save_trusted_keys
 
 FINISHED = ("success", "failed", "cancelled")
+# A pause after a 429 that named no Retry-After (a proxy's), seconds.
+DEFAULT_RATE_LIMIT_PAUSE = 10.0
 
 
 class ServerLink:
@@ -35,6 +42,8 @@ class ServerLink:
         self.heartbeat_done = False
         # Set when a report's answer shows the server finished the session being downloaded.
         self.session_closed: str | None = None
+        # Best-effort sends wait until then (server clock, monotonic) after a 429.
+        self.paused_until = 0.0
 
     def new_cycle(self) -> None:
         self.unreachable = False
@@ -66,14 +75,15 @@ class ServerLink:
         self.heartbeat_done = True
         return True
 
-    def _send(self, report: Report) -> dict[str, Any]:
+    def _send(self, report: Report, *, wait: bool = True) -> dict[str, Any]:
         if report.kind == STATUS:
-            return self.server.report_status(report.body)
-        return self.server.report_validation(report.body)
+            return self.server.report_status(report.body, wait=wait)
+        return self.server.report_validation(report.body, wait=wait)
 
-    def flush(self, current_session: str | None, downloading: bool) -> None:
-        """Send the queued reports; raises Offline when the server cannot take them now."""
-        result = self.outbox.flush(self._send)
+    def flush(self, current_session: str | None, downloading: bool, *, wait: bool = True) -> None:
+        """Send the queued reports; raises Offline when the server cannot take them now.
+        ``wait=False``: do not wait out a 429 (RateLimited is raised instead)."""
+        result = self.outbox.flush(lambda report: self._send(report, wait=wait))
         for report, reply in result.sent:
             session = reply.get("session") if isinstance(reply, dict) else None
             status = session.get("status") if isinstance(session, dict) else None
@@ -83,8 +93,15 @@ class ServerLink:
     def flush_best_effort(self, current_session: str | None, downloading: bool) -> None:
         if self.unreachable or not len(self.outbox):
             return
+        if self.server.clock() < self.paused_until:
+            return  # rate limited a moment ago: the reports wait in the outbox
         try:
-            self.flush(current_session, downloading)
+            # During a download (its stream may be open right now) a 429 is not waited out.
+            self.flush(current_session, downloading, wait=not downloading)
+        except RateLimited as exc:
+            pause = exc.retry_after if exc.retry_after is not None else DEFAULT_RATE_LIMIT_PAUSE
+            self.paused_until = self.server.clock() + pause
+            self.log.info("rate limited; %s reports wait %.0f s", len(self.outbox), pause)
         except Offline as exc:
             # Keep working without the server; the reports wait in the outbox.
             self.unreachable = True

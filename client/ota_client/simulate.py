@@ -63,6 +63,8 @@ class SimulationOptions:
     progress_every: float = 5.0
     id_prefix: str | None = None  # default: sim-<host>
     trusted_keys: Path | None = None  # None: trust the server's keys on first use
+    # The TUF root the devices ship with; None: install without TUF (with a warning).
+    tuf_root: Path | None = None
     seed: int | None = None
 
     def validate(self) -> None:
@@ -229,6 +231,9 @@ class VirtualDevice:
             progress_interval=max(options.poll_interval * 10, 5.0),
             trusted_keys=options.trusted_keys,
             trust_on_first_use=options.trusted_keys is None,
+            tuf_root=options.tuf_root,
+            # Simulated devices only: a real device without a TUF root refuses every update.
+            allow_without_tuf=options.tuf_root is None,
         ).with_overrides()
         state_dir.mkdir(parents=True, exist_ok=True)
         self.system = SimulatedSystem(state_dir / "system", self.plan)
@@ -337,6 +342,8 @@ def run_simulation(
         root = Path(options.state_dir)
     root.mkdir(parents=True, exist_ok=True)
     prefix = options.id_prefix or _default_prefix()
+    if options.tuf_root is None:
+        logger.warning("simulated devices install without TUF verification (no --tuf-root)")
     started = time.monotonic()
     try:
         devices = [VirtualDevice(i, options, root, prefix) for i in range(options.devices)]
@@ -411,6 +418,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--trusted-keys", type=Path, help="signing keys file (default: trust on first use)"
     )
+    parser.add_argument(
+        "--tuf-root", type=Path, help="TUF root.json the devices ship with (default: no TUF)"
+    )
     parser.add_argument("--seed", type=int, help="random seed for reproducible faults")
 
 
@@ -433,6 +443,7 @@ def options_from_args(args: argparse.Namespace) -> SimulationOptions:
         quiet=args.quiet,
         id_prefix=args.id_prefix,
         trusted_keys=args.trusted_keys,
+        tuf_root=args.tuf_root,
         seed=args.seed,
     )
 

@@ -60,6 +60,11 @@ class State:
     reported_version: str | None = None
     #: The outcome of the last update: session_id, version, outcome, reason, finished_at.
     last_result: dict[str, Any] | None = None
+    #: The highest release counter of a committed install: offers below it are refused.
+    release_counter: int = 0
+    #: The TUF TargetFile of the offer being installed (tuf_client.check_offer), to check the
+    #: download against.
+    tuf_target: dict[str, Any] | None = None
     updated_at: float = 0.0
 
     @classmethod

@@ -4,7 +4,8 @@ from typing import Any
 
 from rest_framework import serializers
 
-from devices.models import Device, DeviceGroup
+from devices.ca import MAX_CSR_CHARS
+from devices.models import Device, DeviceCertificate, DeviceGroup
 from ota_site.validators import (
     device_type_validator,
     hardware_id_validator,
@@ -31,9 +32,58 @@ class RegisteredSerializer(serializers.Serializer):
     expires_in = serializers.IntegerField()
 
 
-class TokenRequestSerializer(serializers.Serializer):
+class EnrollSerializer(RegisterSerializer):
+    """Enrollment by CSR: the register fields plus a PEM certificate signing request."""
+
+    csr = serializers.CharField(
+        max_length=MAX_CSR_CHARS, trim_whitespace=False, help_text="PEM; its subject is ignored."
+    )
+
+
+class EnrolledSerializer(serializers.Serializer):
     device_id = serializers.UUIDField()
-    secret = serializers.CharField(max_length=200)
+    certificate = serializers.CharField(help_text="PEM, CN = the device id.")
+    ca_certificate = serializers.CharField(help_text="PEM of the issuing device CA.")
+    access_token = serializers.CharField()
+    token_type = serializers.CharField()
+    expires_in = serializers.IntegerField()
+
+
+class RenewSerializer(serializers.Serializer):
+    csr = serializers.CharField(max_length=MAX_CSR_CHARS, trim_whitespace=False)
+
+
+class CertificateSerializer(serializers.ModelSerializer):
+    ca_certificate = serializers.CharField(source="ca.certificate", read_only=True)
+
+    class Meta:
+        model = DeviceCertificate
+        fields = [
+            "serial",
+            "fingerprint",
+            "not_before",
+            "not_after",
+            "revoked_at",
+            "certificate",
+            "ca_certificate",
+        ]
+        read_only_fields = fields
+
+
+class RevokeSerializer(serializers.Serializer):
+    reason = serializers.CharField(max_length=500, required=False, allow_blank=True)
+
+
+class TokenRequestSerializer(serializers.Serializer):
+    """A secret with its device id; or nothing, with a client certificate verified by nginx."""
+
+    device_id = serializers.UUIDField(required=False)
+    secret = serializers.CharField(max_length=200, required=False)
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        if "secret" in attrs and "device_id" not in attrs:
+            raise serializers.ValidationError({"device_id": ["This field is required."]})
+        return attrs
 
 
 class TokenSerializer(serializers.Serializer):
@@ -73,6 +123,7 @@ class DeviceSerializer(serializers.ModelSerializer):
             "last_seen",
             "group",
             "metadata",
+            "revoked_at",
             "created_at",
             "updated_at",
         ]

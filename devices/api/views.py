@@ -19,19 +19,33 @@ from rest_framework.views import APIView
 from devices import services
 from devices.api.filters import DeviceFilter
 from devices.api.serializers import (
+    CertificateSerializer,
     DeviceGroupSerializer,
     DeviceSerializer,
     DeviceUpdateSerializer,
+    EnrolledSerializer,
+    EnrollSerializer,
     HeartbeatReplySerializer,
     HeartbeatSerializer,
     RegisteredSerializer,
     RegisterSerializer,
+    RenewSerializer,
+    RevokeSerializer,
     TokenRequestSerializer,
     TokenSerializer,
 )
 from devices.models import Device, DeviceGroup
-from ota_site.auth import DEVICE_OR_OPERATOR_AUTH, DeviceJWTAuthentication
-from ota_site.permissions import IsDevice, IsDeviceOrOperator, IsOperator, check_own_device
+from ota_site.auth import DEVICE_OR_OPERATOR_AUTH, DeviceIdentity, DeviceJWTAuthentication
+from ota_site.permissions import (
+    IsAdmin,
+    IsDevice,
+    IsDeviceOrViewer,
+    IsOperator,
+    Role,
+    RoleByMethod,
+    check_own_device,
+)
+from ota_site.proxies import forwarded_header
 
 
 def token_reply(device: Device) -> dict[str, Any]:
@@ -67,10 +81,38 @@ class TokenView(APIView):
     def post(self, request: Request) -> Response:
         serializer = TokenRequestSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        device = services.authenticate_device(
-            serializer.validated_data["device_id"], serializer.validated_data["secret"]
-        )
+        data = serializer.validated_data
+        if "secret" in data:
+            device = services.authenticate_device(data["device_id"], data["secret"])
+        else:
+            device = device_from_client_certificate(request)
+            if "device_id" in data and data["device_id"] != device.id:
+                raise services.AuthenticationError(
+                    "The client certificate belongs to another device.",
+                    code="certificate_invalid",
+                )
         return Response(TokenSerializer(token_reply(device)).data)
+
+
+def device_from_client_certificate(request: Request) -> Device:
+    """The device whose certificate nginx verified, believed only from a trusted proxy.
+
+    The headers of any other peer are ignored (anyone can send them), and the certificate is
+    checked again by devices.services.authenticate_certificate.
+    """
+    verdict = forwarded_header(request, "HTTP_X_SSL_CLIENT_VERIFY")
+    pem = forwarded_header(request, "HTTP_X_SSL_CLIENT_CERT")
+    if verdict is None or verdict == "NONE" or not pem:
+        raise services.AuthenticationError(
+            "Send device_id and secret, or connect with a device certificate.",
+            code="credentials_missing",
+        )
+    if verdict != "SUCCESS":
+        raise services.AuthenticationError(
+            f"The proxy did not verify the client certificate ({verdict[:100]}).",
+            code="certificate_invalid",
+        )
+    return services.authenticate_certificate(pem)
 
 
 class HeartbeatView(APIView):
@@ -83,10 +125,7 @@ class HeartbeatView(APIView):
         serializer = HeartbeatSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         device = get_object_or_404(Device, pk=device_id)
-        if device.credential_generation != request.user.generation:  # type: ignore[union-attr]
-            raise services.AuthenticationError(
-                "The device's credentials were reset; enroll again.", code="credentials_reset"
-            )
+        services.check_credentials(device, request.user.generation)  # type: ignore[union-attr]
         services.record_heartbeat(
             device,
             current_version=serializer.validated_data.get("current_version"),
@@ -97,14 +136,14 @@ class HeartbeatView(APIView):
 
 
 class DeviceListView(generics.ListAPIView):
-    permission_classes = [IsOperator]
+    permission_classes = [RoleByMethod]
     serializer_class = DeviceSerializer
     filterset_class = DeviceFilter
     queryset = Device.objects.all()
 
 
 class DeviceDetailView(generics.RetrieveUpdateDestroyAPIView):
-    """GET for the device itself or an operator; PUT, PATCH and DELETE for operators."""
+    """GET for the device itself or a viewer; PUT and PATCH for operators; DELETE for admins."""
 
     authentication_classes = DEVICE_OR_OPERATOR_AUTH
     queryset = Device.objects.all()
@@ -113,12 +152,15 @@ class DeviceDetailView(generics.RetrieveUpdateDestroyAPIView):
 
     def get_permissions(self) -> list[Any]:
         if self.request.method in ("GET", "HEAD", "OPTIONS"):
-            return [IsDeviceOrOperator()]
-        return [IsOperator()]
+            return [IsDeviceOrViewer()]
+        return [RoleByMethod()]
 
     def get_object(self) -> Device:
         check_own_device(self.request, self.kwargs["device_id"])
-        return super().get_object()
+        device: Device = super().get_object()
+        if isinstance(self.request.user, DeviceIdentity):
+            services.check_credentials(device, self.request.user.generation)
+        return device
 
     @extend_schema(request=DeviceUpdateSerializer, responses={200: DeviceSerializer})
     def update(self, request: Request, *args: Any, **kwargs: Any) -> Response:
@@ -134,7 +176,9 @@ class DeviceDetailView(generics.RetrieveUpdateDestroyAPIView):
 
 
 class DeviceGroupViewSet(viewsets.ModelViewSet):
-    permission_classes = [IsOperator]
+    # Groups are operators' to manage, deletion included (devices stay, without a group).
+    permission_classes = [RoleByMethod]
+    delete_role = Role.OPERATOR
     serializer_class = DeviceGroupSerializer
     lookup_url_kwarg = "group_id"
 
@@ -166,4 +210,67 @@ class RetryView(APIView):
     def post(self, request: Request, device_id: Any) -> Response:
         device = get_object_or_404(Device.objects.select_related("group"), pk=device_id)
         services.retry_update(device, actor=request.user)
+        return Response(DeviceSerializer(device).data)
+
+
+class EnrollView(APIView):
+    """POST /devices/enroll: enrollment by CSR, answered with a device certificate."""
+
+    authentication_classes: list[Any] = []
+    permission_classes = [AllowAny]
+
+    @extend_schema(request=EnrollSerializer, responses={201: EnrolledSerializer})
+    def post(self, request: Request) -> Response:
+        serializer = EnrollSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+        device, certificate = services.enroll_with_csr(
+            enrollment_token=data["enrollment_token"],
+            hardware_id=data["hardware_id"],
+            device_type=data["device_type"],
+            csr=data["csr"],
+            current_version=data.get("current_version", ""),
+            metadata=data.get("metadata"),
+        )
+        body = {
+            "device_id": device.id,
+            "certificate": certificate.certificate,
+            "ca_certificate": certificate.ca.certificate,
+            **token_reply(device),
+        }
+        return Response(EnrolledSerializer(body).data, status=status.HTTP_201_CREATED)
+
+
+class CertificateView(APIView):
+    """POST /devices/{id}/certificate: the device renews its certificate with a new CSR."""
+
+    authentication_classes = [DeviceJWTAuthentication]
+    permission_classes = [IsDevice]
+
+    @extend_schema(request=RenewSerializer, responses={201: CertificateSerializer})
+    def post(self, request: Request, device_id: Any) -> Response:
+        check_own_device(request, device_id)
+        serializer = RenewSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        certificate = services.renew_certificate(
+            device_id,
+            request.user.generation,  # type: ignore[union-attr]
+            serializer.validated_data["csr"],
+        )
+        return Response(CertificateSerializer(certificate).data, status=status.HTTP_201_CREATED)
+
+
+class RevokeView(APIView):
+    """POST /devices/{id}/revoke (admin): lock the device out for good."""
+
+    permission_classes = [IsAdmin]
+
+    @extend_schema(request=RevokeSerializer, responses={200: DeviceSerializer})
+    def post(self, request: Request, device_id: Any) -> Response:
+        device = get_object_or_404(Device, pk=device_id)
+        serializer = RevokeSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        services.revoke_device(
+            device, actor=request.user, reason=serializer.validated_data.get("reason", "")
+        )
         return Response(DeviceSerializer(device).data)

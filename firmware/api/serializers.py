@@ -45,6 +45,13 @@ class FirmwareUploadSerializer(serializers.Serializer):
         max_length=64, required=False, allow_blank=True, validators=[validate_version]
     )
     dependencies = DependenciesField(required=False)
+    release_counter = serializers.IntegerField(
+        required=False,
+        min_value=0,
+        max_value=2**31 - 1,
+        help_text="Devices refuse firmware whose counter is below the highest they installed. "
+        "Default: the highest counter of this device type.",
+    )
 
 
 class FirmwareSerializer(serializers.ModelSerializer):
@@ -71,6 +78,7 @@ class FirmwareSerializer(serializers.ModelSerializer):
             "release_notes",
             "min_version",
             "dependencies",
+            "release_counter",
             "published",
             "published_at",
             "created_at",
@@ -95,7 +103,34 @@ class FirmwareSerializer(serializers.ModelSerializer):
 
 
 class SigningKeySerializer(serializers.ModelSerializer):
+    """A key's public facts, including the signed statements devices check (never the private
+    half). ``endorsement`` is ``endorsed_by``'s signature over the key's endorsement statement;
+    ``retirement`` is ``retired_by``'s signature over its retirement statement
+    (firmware.signing)."""
+
+    endorsed_by = serializers.CharField(source="endorsed_by_id", allow_null=True)
+    retired_by = serializers.CharField(source="retired_by_id", allow_null=True)
+
     class Meta:
         model = SigningKey
-        fields = ["key_id", "algorithm", "public_key", "is_active", "created_at"]
+        fields = [
+            "key_id",
+            "algorithm",
+            "public_key",
+            "is_active",
+            "status",
+            "endorsed_by",
+            "endorsement",
+            "created_at",
+            "retired_at",
+            "retired_by",
+            "retirement",
+        ]
         read_only_fields = fields
+
+
+class RetiredKeySerializer(serializers.Serializer):
+    key = SigningKeySerializer()
+    resigned = serializers.IntegerField(
+        help_text="Published firmware re-signed with the current key."
+    )

@@ -19,17 +19,18 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from firmware import services
+from firmware import services, signing
 from firmware.api.serializers import (
     FirmwareSerializer,
     FirmwareUploadSerializer,
+    RetiredKeySerializer,
     SigningKeySerializer,
 )
 from firmware.downloads import serve_firmware
 from firmware.models import Firmware, SigningKey
 from ota_site.auth import DEVICE_OR_OPERATOR_AUTH
 from ota_site.errors import PayloadTooLarge
-from ota_site.permissions import IsDeviceOrOperator, IsOperator, is_device
+from ota_site.permissions import IsAdmin, IsDeviceOrViewer, IsOperator, RoleByMethod, is_device
 
 # Room for the multipart envelope and the other form fields around the file.
 MULTIPART_OVERHEAD = 1024 * 1024
@@ -48,7 +49,7 @@ class FirmwareFilter(django_filters.FilterSet):
 
 
 class FirmwareListView(generics.ListCreateAPIView):
-    permission_classes = [IsOperator]
+    permission_classes = [RoleByMethod]
     serializer_class = FirmwareSerializer
     filterset_class = FirmwareFilter
     parser_classes = [MultiPartParser, FormParser]
@@ -89,6 +90,7 @@ class FirmwareListView(generics.ListCreateAPIView):
             release_notes=values.get("release_notes", ""),
             min_version=values.get("min_version") or None,
             dependencies=values.get("dependencies"),
+            release_counter=values.get("release_counter"),
             actor=request.user,
         )
         body = FirmwareSerializer(firmware, context={"request": request}).data
@@ -109,7 +111,7 @@ def _hash_file(upload: Any) -> dict[str, str]:
 
 
 class FirmwareDetailView(generics.RetrieveDestroyAPIView):
-    permission_classes = [IsOperator]
+    permission_classes = [RoleByMethod]  # viewers read; deleting is for admins
     serializer_class = FirmwareSerializer
     queryset = Firmware.objects.all()
     lookup_url_kwarg = "firmware_id"
@@ -132,7 +134,7 @@ class DownloadView(APIView):
     """The image bytes. Devices may download published firmware of their own type."""
 
     authentication_classes = DEVICE_OR_OPERATOR_AUTH
-    permission_classes = [IsDeviceOrOperator]
+    permission_classes = [IsDeviceOrViewer]
 
     @extend_schema(
         responses={
@@ -145,7 +147,9 @@ class DownloadView(APIView):
     def get(self, request: Request, firmware_id: Any) -> HttpResponseBase:
         firmware = get_object_or_404(Firmware, pk=firmware_id)
         if is_device(request) and (
-            not firmware.is_published or firmware.device_type != request.user.device_type  # type: ignore[union-attr]
+            not firmware.is_published
+            or firmware.quarantined_at is not None  # its stored bytes failed verify_storage
+            or firmware.device_type != request.user.device_type  # type: ignore[union-attr]
         ):
             raise NotFound()
         return serve_firmware(request._request, firmware)
@@ -158,7 +162,29 @@ class SigningKeyListView(generics.ListAPIView):
     """Public keys that firmware manifests are signed with, by key_id."""
 
     authentication_classes = DEVICE_OR_OPERATOR_AUTH
-    permission_classes = [IsDeviceOrOperator]
+    permission_classes = [IsDeviceOrViewer]
     serializer_class = SigningKeySerializer
     queryset = SigningKey.objects.all()
     pagination_class = None
+
+
+class SigningKeyRotateView(APIView):
+    """A new current key, endorsed by the current one (admin)."""
+
+    permission_classes = [IsAdmin]
+
+    @extend_schema(request=None, responses={201: SigningKeySerializer})
+    def post(self, request: Request) -> Response:
+        key = signing.rotate(actor=request.user)
+        return Response(SigningKeySerializer(key).data, status=status.HTTP_201_CREATED)
+
+
+class SigningKeyRetireView(APIView):
+    """Retire a previous key (admin); the current key is refused with 409 ``key_is_current``."""
+
+    permission_classes = [IsAdmin]
+
+    @extend_schema(request=None, responses={200: RetiredKeySerializer})
+    def post(self, request: Request, key_id: str) -> Response:
+        retired = signing.retire(key_id, actor=request.user)
+        return Response(RetiredKeySerializer(retired).data)

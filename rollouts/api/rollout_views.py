@@ -15,7 +15,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from ota_site.permissions import IsOperator
+from ota_site.permissions import IsOperator, RoleByMethod
 from rollouts import evaluation, lifecycle
 from rollouts.api.rollout_serializers import ActionSerializer, RolloutSerializer
 from rollouts.models import Rollout, RolloutStatus
@@ -36,7 +36,7 @@ def _rollouts() -> QuerySet[Rollout]:
 
 
 class RolloutListView(generics.ListCreateAPIView):
-    permission_classes = [IsOperator]
+    permission_classes = [RoleByMethod]
     serializer_class = RolloutSerializer
     filterset_class = RolloutFilter
 
@@ -49,7 +49,7 @@ class RolloutListView(generics.ListCreateAPIView):
 
 
 class RolloutDetailView(generics.RetrieveUpdateAPIView):
-    permission_classes = [IsOperator]
+    permission_classes = [RoleByMethod]
     serializer_class = RolloutSerializer
     lookup_url_kwarg = "rollout_id"
 
@@ -89,7 +89,7 @@ AdvanceView = _action(lifecycle.advance_rollout, takes_reason=True)
 class RolloutMetricsView(APIView):
     """Per-stage device counts, session counts by status, success and failure rates."""
 
-    permission_classes = [IsOperator]
+    permission_classes = [RoleByMethod]
 
     @extend_schema(responses={200: OpenApiTypes.OBJECT})
     def get(self, request: Request, rollout_id: Any) -> Response:

@@ -14,6 +14,23 @@ REPORTABLE = [
 ]
 
 
+class KeyChainLinkSerializer(serializers.Serializer):
+    key_id = serializers.CharField()
+    public_key = serializers.CharField(help_text="Raw Ed25519 public key, base64.")
+    endorsed_by = serializers.CharField(allow_null=True)
+    endorsement = serializers.CharField(
+        allow_blank=True, help_text="`endorsed_by`'s signature over the endorsement statement."
+    )
+
+
+class RetiredKeyStatementSerializer(serializers.Serializer):
+    key_id = serializers.CharField()
+    retired_by = serializers.CharField()
+    retirement = serializers.CharField(
+        help_text="`retired_by`'s signature over the retirement statement."
+    )
+
+
 class UpdateCheckSerializer(serializers.Serializer):
     update_available = serializers.BooleanField()
     reason = serializers.CharField(help_text="Why (not): new, in_progress, up_to_date, …")
@@ -32,6 +49,20 @@ class UpdateCheckSerializer(serializers.Serializer):
     manifest = serializers.CharField(required=False, help_text="The signed canonical JSON.")
     min_version = serializers.CharField(required=False, allow_null=True)
     is_rollback = serializers.BooleanField(required=False)
+    release_counter = serializers.IntegerField(
+        required=False, help_text="Also in the signed manifest and the TUF target's custom."
+    )
+    tuf_target = serializers.CharField(
+        required=False,
+        allow_null=True,
+        help_text="The path of this firmware in the TUF targets metadata (/tuf/metadata/).",
+    )
+    key_chain = KeyChainLinkSerializer(
+        many=True,
+        required=False,
+        help_text="Endorsements from the oldest non-retired key to `key_id`, oldest first.",
+    )
+    retired_keys = RetiredKeyStatementSerializer(many=True, required=False)
 
 
 class StatusReportSerializer(serializers.Serializer):

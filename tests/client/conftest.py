@@ -37,6 +37,8 @@ class LiveServer:
     enrollment_token: str
     keys: dict[str, str]
     operator: requests.Session
+    #: Root v1 of the server's TUF repository: what devices ship with (trust.tuf_root).
+    tuf_root: bytes
     firmware: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def get(self, path: str, **params: Any) -> Any:
@@ -117,6 +119,12 @@ def ota_server(
         # The admin login page (used once, for an operator session) renders without
         # collectstatic's manifest.
         STATIC_MANIFEST="false",
+        # The fleet simulation runs 200 devices from one address: no rate limits here
+        # (test_rate_limit_client.py starts its own server with them).
+        RATE_LIMIT_DEVICE="off",
+        RATE_LIMIT_IP="off",
+        # The first publish creates the TUF repository (root key under the server's var dir).
+        TUF_AUTO_INIT="true",
     )
     manage(env, "migrate", "--noinput")
     manage(
@@ -153,6 +161,8 @@ def ota_server(
         )["token"]
         operator = _logged_in(base)
         keys = operator.get(f"{base}/api/v1/firmware/keys", timeout=10).json()
+        tuf_root = operator.get(f"{base}/tuf/metadata/1.root.json", timeout=10)
+        assert tuf_root.status_code == 200, tuf_root.text
         yield LiveServer(
             url=base,
             env=env,
@@ -160,6 +170,7 @@ def ota_server(
             keys={key["key_id"]: key["public_key"] for key in keys},
             operator=operator,
             firmware=firmware,
+            tuf_root=tuf_root.content,
         )
         operator.close()
 
@@ -196,6 +207,7 @@ class Device:
             f"trial_boots = {c.trial_boots}",
             "[trust]",
             f'keys_file = "{c.trusted_keys}"',
+            *([f'tuf_root = "{c.tuf_root}"'] if c.tuf_root else []),
             *extra.values(),
         ]
         path = self.root / "client.toml"
@@ -212,6 +224,8 @@ def make_device(tmp_path: Path, ota_server: LiveServer) -> Any:
         root.mkdir()
         keys = root / "trusted_keys.json"
         keys.write_text(json.dumps(ota_server.keys))
+        tuf_root = root / "tuf-root.json"
+        tuf_root.write_bytes(ota_server.tuf_root)
         values: dict[str, Any] = {
             "server": server or ota_server.url,
             "device_type": DEVICE_TYPE,
@@ -220,6 +234,7 @@ def make_device(tmp_path: Path, ota_server: LiveServer) -> Any:
             "current_version": "1.0.0",
             "enrollment_token": ota_server.enrollment_token,
             "trusted_keys": keys,
+            "tuf_root": tuf_root,
             "progress_interval": 0.2,
             "min_backoff": 0.1,
         }

@@ -152,7 +152,8 @@ def test_credentials_reset_without_an_enrollment_token_is_refused(tmp_path: Path
 @pytest.mark.parametrize(
     ("status", "headers", "retry_after"),
     [
-        (429, {"Retry-After": "7"}, 7.0),
+        # Longer than the client waits in line (60 s): left to the agent, not slept here.
+        (429, {"Retry-After": "120"}, 120.0),
         (503, {"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"}, 0.0),  # a date in the past
         (503, {}, None),
         (500, {}, None),

@@ -142,6 +142,11 @@ class Command(BaseCommand):
         token_file.parent.mkdir(parents=True, exist_ok=True)
         token_file.write_text(plaintext)
         token_file.chmod(0o600)
+        # The TUF root the simulated devices ship with (`ota-client simulate --tuf-root`).
+        # Taken from the server at setup: trust on first use, acceptable for a simulator only.
+        root = firmware_services.tuf_root()
+        if root is not None:
+            (token_file.parent / "tuf-root.json").write_bytes(root)
         live = Rollout.objects.filter(
             status__in=LIVE_ROLLOUT_STATUSES, target_groups=group
         ).exists()
