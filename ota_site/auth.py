@@ -112,6 +112,10 @@ class DeviceJWTAuthentication(BaseAuthentication):
             raise exceptions.AuthenticationFailed(
                 "The access token is not valid.", code="token_invalid"
             ) from exc
+        # The rate limiter (ota_site.ratelimit) may have decoded this very token already.
+        decoded = getattr(request._request, "ota_device_token", None)
+        if decoded is not None and decoded[0] == token:
+            return decoded[1], token
         return decode_device_token(token), token
 
     def authenticate_header(self, request: Request) -> str:

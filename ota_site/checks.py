@@ -72,6 +72,9 @@ def check_configuration(app_configs: Any = None, **kwargs: Any) -> list[checks.C
         "DEVICE_POLL_INTERVAL",
         "DEVICE_ONLINE_WINDOW",
         "ROLLOUT_EVALUATION_INTERVAL",
+        "FIRMWARE_VERIFY_INTERVAL",
+        "DEVICE_CERT_LIFETIME_DAYS",
+        "DEVICE_CA_LIFETIME_DAYS",
     ):
         if getattr(settings, name) <= 0:
             errors.append(checks.Error(f"{name} must be positive.", id="ota.E009"))
@@ -90,6 +93,18 @@ def _check_secrets_at_rest() -> list[checks.CheckMessage]:
                 parse_master_key(value)
             except ValueError as exc:
                 errors.append(checks.Error(f"{name}: {exc}.", id="ota.E011"))
+    if not settings.OTA_MASTER_KEY and settings.DATABASES["default"]["ENGINE"].endswith(
+        "postgresql"
+    ):
+        errors.append(
+            checks.Warning(
+                f"OTA_MASTER_KEY is not set: private keys are sealed with a key file made on "
+                f"first use at {settings.OTA_MASTER_KEY_PATH}. Web nodes and workers that do not "
+                "share that file cannot open each other's keys, and it sits next to the data it "
+                "protects. Set OTA_MASTER_KEY or OTA_MASTER_KEY_FILE from a secret.",
+                id="ota.W011",
+            )
+        )
     for item in settings.TRUSTED_PROXIES:
         try:
             ipaddress.ip_network(item.strip(), strict=False)

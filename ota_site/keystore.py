@@ -176,3 +176,20 @@ def unseal_private_key(envelope: str, *, purpose: str) -> PrivateKeyTypes:
         return serialization.load_der_private_key(der, password=None)
     except ValueError as exc:
         raise KeystoreError("the envelope does not hold a private key") from exc
+
+
+def rewrap_field(rows: Any, field: str, *, purpose: str) -> list[str]:
+    """Reseal ``field`` of every row in ``rows`` (a queryset, locked by the caller's transaction)
+    that another master key sealed; returns their primary keys. All or nothing: the first
+    envelope that cannot be opened raises KeystoreError, and the caller's transaction rolls back
+    whatever was resealed before it."""
+    current = kek_id(master_key())
+    changed: list[str] = []
+    for row in rows.select_for_update().exclude(**{field: ""}):
+        envelope = getattr(row, field)
+        if envelope_kek(envelope) == current:
+            continue
+        setattr(row, field, rewrap(envelope, purpose=purpose))
+        row.save(update_fields=[field])
+        changed.append(str(row.pk))
+    return changed

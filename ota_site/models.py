@@ -55,6 +55,7 @@ class EventKind(models.TextChoices):
     API_KEY_REVOKED = "api_key.revoked"
     USER_ROLE_CHANGED = "user.role_changed"
     TUF_ROOT_SIGNED = "tuf.root_signed"
+    KEYS_REWRAPPED = "keys.rewrapped"
 
 
 class ActorKind(models.TextChoices):

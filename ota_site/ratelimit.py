@@ -263,9 +263,12 @@ def device_subject(request: HttpRequest) -> str | None:
     from ota_site.auth import decode_device_token
 
     try:
-        return str(decode_device_token(token.strip()).id)
+        identity = decode_device_token(token.strip())
     except AuthenticationFailed:
         return None
+    # DeviceJWTAuthentication reuses it instead of decoding the same token again (~85 µs).
+    request.ota_device_token = (token.strip(), identity)  # type: ignore[attr-defined]
+    return str(identity.id)
 
 
 def address_subject(request: HttpRequest) -> str:

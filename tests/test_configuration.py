@@ -5,8 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+from django.core import checks
 
 from tests.e2e import ROOT, server_env
 
@@ -67,3 +69,20 @@ def test_the_wsgi_server_refuses_to_start_with_bad_configuration(tmp_path: Path)
     )
     assert result.returncode == 1
     assert "ota.E003" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "name", ["FIRMWARE_VERIFY_INTERVAL", "DEVICE_CERT_LIFETIME_DAYS", "DEVICE_CA_LIFETIME_DAYS"]
+)
+def test_intervals_and_lifetimes_must_be_positive(settings: Any, name: str) -> None:
+    setattr(settings, name, 0)
+    assert "ota.E009" in [message.id for message in checks.run_checks()]
+
+
+def test_production_without_a_master_key_is_warned(settings: Any) -> None:
+    # The test run itself is on PostgreSQL: a master key file made on first use is what the
+    # warning is about.
+    settings.OTA_MASTER_KEY = ""
+    assert "ota.W011" in [message.id for message in checks.run_checks()]
+    settings.OTA_MASTER_KEY = "A" * 43 + "="
+    assert "ota.W011" not in [message.id for message in checks.run_checks()]

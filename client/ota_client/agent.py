@@ -254,9 +254,10 @@ class Agent:
                 device_type=self.config.device_type,
                 installed_version=self.running_version(),
             )
-            self._learn_keys(offer, trusted)
             self._check_release_counter(offer)
             tuf_target = self._check_tuf(offer)
+            # Only an offer that passed every check may teach the device a new signing key.
+            self._learn_keys(offer, trusted)
         except VerificationError as exc:
             self.log.warning("refusing the update of session %s: %s", session_id, exc)
             self.outbox.add_status(session_id, "failed", error_message=f"rejected: {exc}")
