@@ -129,6 +129,7 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
+                "ota_site.context_processors.console",
             ],
         },
     },
@@ -453,7 +454,12 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
-LOGIN_URL = "/admin/login/"
+LOGIN_URL = "/login/"
+LOGIN_REDIRECT_URL = "/"
+LOGOUT_REDIRECT_URL = "/login/"
+# Where console pages open their WebSocket streams (/api/v1/stream/...): empty for this origin
+# (nginx routes the streams to daphne), e.g. ws://127.0.0.1:8001 when daphne has its own port.
+CONSOLE_STREAM_URL = env.str("CONSOLE_STREAM_URL", default="")
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
 USE_I18N = True

@@ -2,8 +2,8 @@
 years, so v1 responses never change incompatibly."""
 
 from django.contrib import admin
+from django.contrib.auth import views as auth_views
 from django.urls import include, path, re_path
-from django.views.generic import RedirectView
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import SimpleRouter
 
@@ -128,8 +128,17 @@ urlpatterns = [
     ),
     re_path(r"^tuf/(?P<path>.*)$", tuf_views.not_found),
     path("admin/", admin.site.urls),
-    # The console arrives with issue 6; until then the admin is the console.
-    path("", RedirectView.as_view(url="/admin/", permanent=False)),
+    # The console: server-rendered pages of each app, behind the console login.
+    path(
+        "login/",
+        auth_views.LoginView.as_view(template_name="console/login.html"),
+        name="login",
+    ),
+    path("logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path("devices/", include("devices.urls")),
+    path("firmware/", include("firmware.urls")),
+    path("rollouts/", include("rollouts.urls")),
+    path("", include("metrics.urls")),
 ]
 
 handler404 = "ota_site.errors.not_found"
