@@ -25,8 +25,9 @@ TESTENV  := DATABASE_URL=$(TEST_DATABASE_URL) DATABASE_TEST_NAME=$(TEST_DB_NAME)
 
 # Real tools the tests drive, from Debian (as root, which this machine's sessions and CI are).
 # softhsm2: a software PKCS#11 token for the HSM signing-key tests (tests/test_signing_hsm.py);
-# nginx: `nginx -t` checks the shipped configuration (tests/test_deploy_config.py).
-DEBIAN_PACKAGES := libubootenv-tool softhsm2 nginx
+# nginx: `nginx -t` checks the shipped configuration (tests/test_deploy_config.py);
+# chromium: the console's browser test (tests/test_console_browser.py, through Playwright).
+DEBIAN_PACKAGES := libubootenv-tool softhsm2 nginx chromium
 
 .PHONY: install debian-packages demo serve serve-demo test bench lint format clean
 

@@ -181,6 +181,43 @@ def test_an_expired_certificate_is_refused(
         certificate=ca.to_pem(expired),
     )
     refused(ask(api, via_nginx(ca.to_pem(expired))), "certificate_expired")
+    # What nginx (optional_no_ca, error_page 495) forwards for it: still certificate_expired.
+    failed = via_nginx(ca.to_pem(expired), verify="FAILED:certificate has expired")
+    refused(ask(api, failed), "certificate_expired")
+
+
+def test_a_failed_verdict_is_refused_with_the_clearest_code(
+    api: APIClient, device_a: DeviceActor, issued: DeviceCertificate
+) -> None:
+    """nginx forwards a certificate it could not verify as FAILED:<reason>. Never accepted; the
+    code is the app's own finding, else read from nginx's reason."""
+    # The app finds nothing wrong (its clock, or a stale CA bundle in nginx): nginx's reason.
+    refused(
+        ask(api, via_nginx(issued.certificate, verify="FAILED:certificate has expired")),
+        "certificate_expired",
+    )
+    refused(
+        ask(api, via_nginx(issued.certificate, verify="FAILED:unable to verify the first cert")),
+        "certificate_invalid",
+    )
+    reply = ask(api, via_nginx(issued.certificate, verify="FAILED:" + "x" * 500))
+    refused(reply, "certificate_invalid")
+    assert len(reply.json()["detail"]) < 300
+    # A certificate of a CA nginx no longer has, and this server never issued: unknown.
+    key = ec.generate_private_key(ec.SECP256R1())
+    foreign = build_certificate(
+        subject_cn=str(device_a.id),
+        issuer_key=key,
+        issuer_name=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Retired CA")]),
+        not_before=datetime.now(UTC) - timedelta(days=1),
+        not_after=datetime.now(UTC) + timedelta(days=1),
+    )
+    failed = via_nginx(ca.to_pem(foreign), verify="FAILED:unable to verify the first certificate")
+    refused(ask(api, failed), "certificate_unknown")
+    # Revoked, and nginx failed it too: the app's code.
+    services.revoke_certificate(issued)
+    failed = via_nginx(issued.certificate, verify="FAILED:certificate has expired")
+    refused(ask(api, failed), "certificate_revoked")
 
 
 def test_a_certificate_naming_another_device_is_refused(

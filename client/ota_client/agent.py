@@ -8,11 +8,13 @@ call ``step()`` until it stops making progress.
 
 Phases (persisted)          What the next step does, also after a restart in that phase
 -------------------------   ------------------------------------------------------------------
-``idle``                    send queued reports, heartbeat if the running version changed, ask
-                            the server for an update; verify the offer (signature, manifest,
-                            device type, version rules, min_version, release counter, TUF
-                            metadata and target) before any download. A bad offer is reported
-                            ``failed`` with the reason; a good one starts ``downloading``.
+``idle``                    send queued reports, heartbeat if the running version changed,
+                            renew the device certificate when it is due (a failure is only
+                            logged), ask the server for an update; verify the offer
+                            (signature, manifest, device type, version rules, min_version,
+                            release counter, TUF metadata and target) before any download.
+                            A bad offer is reported ``failed`` with the reason; a good one
+                            starts ``downloading``.
 ``downloading``             download (resuming download.part), check size + sha256 against the
                             signed manifest and the TUF target, rename it to download.img ->
                             ``downloaded``. A
@@ -65,6 +67,7 @@ from ota_client.api import Offline, Refused, ServerClient
 from ota_client.config import Config, make_system
 from ota_client.downloader import Downloader, DownloadRejected, ResumePoint
 from ota_client.health import HealthCheck, command_health_check
+from ota_client.identity import IdentityError
 from ota_client.link import ServerLink
 from ota_client.outbox import Outbox
 from ota_client.outcome import DeviceLog, Outcome, StepResult
@@ -228,6 +231,7 @@ class Agent:
                 self._trusted_keys()
             self._flush()
             self._heartbeat()
+            self._renew_certificate()
             body = self.server.check()
         except Offline as exc:
             return StepResult(Outcome.OFFLINE, str(exc), exc.retry_after)
@@ -632,6 +636,19 @@ class Agent:
             ", ".join(added) or "-",
             ", ".join(dropped) or "-",
         )
+
+    def _renew_certificate(self) -> None:
+        """Renew the device certificate when it is due. Only from idle, so never in the middle
+        of an update; a failure is logged and tried again next cycle, and never stops the
+        update check (the current certificate stays valid until it expires)."""
+        try:
+            if not self.server.certificate_renewal_due():
+                return
+            self.server.renew_certificate()
+        except (Offline, Refused, IdentityError, OSError) as exc:
+            self.log.warning("renewing the device certificate failed (next cycle again): %s", exc)
+            return
+        self.log.info("renewed the device certificate")
 
     def _heartbeat(self) -> None:
         version = self.running_version()

@@ -132,8 +132,10 @@ class ServerClient:
         self.sleep = sleep
         self.rate_limit_max_wait = rate_limit_max_wait
         self.credentials_path = config.state_dir / "credentials.json"
-        # With [identity] certificate = true: enrolled by CSR, tokens by mTLS (no secret).
-        self.identity = Identity(config.state_dir) if config.use_certificate else None
+        # With [identity] certificate = true, or once enrolled by CSR (`ota-client enroll --csr`
+        # without it): enrolled by CSR, tokens by mTLS (no secret).
+        identity = Identity(config.state_dir)
+        self.identity = identity if config.use_certificate or identity.has_certificate() else None
         self._use_client_certificate()
         self._token: str | None = None
         self._token_expires = 0.0
@@ -247,12 +249,23 @@ class ServerClient:
         self._use_client_certificate()
 
     def renew_certificate(self) -> None:
-        """Ask for a new certificate for the device key (before the current one expires)."""
+        """Ask for a new certificate for the device key (before the current one expires).
+
+        The key stays, and the certificate file is replaced atomically (Identity.save_certificate)
+        only once the new one is checked: a power cut leaves the old certificate with the same
+        key, which the server accepts until it expires."""
         if self.identity is None:
             return
         path = f"/api/v1/devices/{self.device_id()}/certificate"
         reply = self.call("POST", path, json={"csr": self.identity.csr()})
         self._save_certificate(self._dict(reply))
+
+    def certificate_renewal_due(self) -> bool:
+        """True when the device has a certificate that is due for renewal
+        (``[identity] renew_after`` of its lifetime has passed)."""
+        if self.identity is None or not self.identity.has_certificate():
+            return False
+        return self.identity.needs_renewal(fraction=self.config.certificate_renew_after)
 
     # --- Calls ---------------------------------------------------------------------------------
 

@@ -62,7 +62,10 @@ class Config:
 
     # [identity]
     #: Enroll by CSR and authenticate with a device certificate over mTLS instead of a secret.
+    #: (A state_dir that holds an enrolled certificate and key uses it either way.)
     use_certificate: bool = False
+    #: Renew the certificate once this fraction of its lifetime has passed.
+    certificate_renew_after: float = 2 / 3
 
     # [trust]
     trusted_keys: Path | None = None
@@ -159,7 +162,10 @@ class Config:
             backend_options=boot.table(backend),
         )
         identity = reader.section("identity")
-        values.update(use_certificate=identity.flag("certificate", False))
+        values.update(
+            use_certificate=identity.flag("certificate", False),
+            certificate_renew_after=identity.number("renew_after", 2 / 3),
+        )
         trust = reader.section("trust")
         values.update(
             trusted_keys=trust.path("keys_file", required=False),
@@ -186,6 +192,8 @@ def _validated(config: Config) -> Config:
         # The U-Boot script counts down with setexpr, which works in hexadecimal: single digits
         # are the only values on which it and decimal agree.
         raise ConfigError("boot.trial_boots must be between 1 and 9")
+    if not 0 < config.certificate_renew_after < 1:
+        raise ConfigError("identity.renew_after is a fraction between 0 and 1")
     if not 0 <= config.poll_jitter < 1:
         raise ConfigError("polling.jitter is a fraction between 0 and 1")
     if config.poll_interval <= 0 or config.min_backoff <= 0:

@@ -16,7 +16,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from devices import services
+from devices import certificates, services
 from devices.api.filters import DeviceFilter
 from devices.api.serializers import (
     CertificateSerializer,
@@ -98,7 +98,11 @@ def device_from_client_certificate(request: Request) -> Device:
     """The device whose certificate nginx verified, believed only from a trusted proxy.
 
     The headers of any other peer are ignored (anyone can send them), and the certificate is
-    checked again by devices.services.authenticate_certificate.
+    checked again by devices.certificates.authenticate_certificate. nginx
+    (``ssl_verify_client optional_no_ca``) forwards a certificate that failed its verification
+    with the verdict ``FAILED:<reason>``: that is always refused, with the code of the app's own
+    check when it finds the problem too (``certificate_expired``, ``certificate_revoked``, ...),
+    else with one read from nginx's reason.
     """
     verdict = forwarded_header(request, "HTTP_X_SSL_CLIENT_VERIFY")
     pem = forwarded_header(request, "HTTP_X_SSL_CLIENT_CERT")
@@ -107,12 +111,15 @@ def device_from_client_certificate(request: Request) -> Device:
             "Send device_id and secret, or connect with a device certificate.",
             code="credentials_missing",
         )
-    if verdict != "SUCCESS":
-        raise services.AuthenticationError(
-            f"The proxy did not verify the client certificate ({verdict[:100]}).",
-            code="certificate_invalid",
-        )
-    return services.authenticate_certificate(pem)
+    if verdict == "SUCCESS":
+        return certificates.authenticate_certificate(pem)
+    certificates.authenticate_certificate(pem)  # raises with its own, more precise code
+    reason = verdict.removeprefix("FAILED:")[:100]
+    # OpenSSL's reasons: "certificate has expired", "certificate is not yet valid", ...
+    code = "certificate_expired" if "expired" in reason else "certificate_invalid"
+    raise services.AuthenticationError(
+        f"The proxy did not verify the client certificate ({reason}).", code=code
+    )
 
 
 class HeartbeatView(APIView):
@@ -224,7 +231,7 @@ class EnrollView(APIView):
         serializer = EnrollSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
-        device, certificate = services.enroll_with_csr(
+        device, certificate = certificates.enroll_with_csr(
             enrollment_token=data["enrollment_token"],
             hardware_id=data["hardware_id"],
             device_type=data["device_type"],
@@ -252,7 +259,7 @@ class CertificateView(APIView):
         check_own_device(request, device_id)
         serializer = RenewSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        certificate = services.renew_certificate(
+        certificate = certificates.renew_certificate(
             device_id,
             request.user.generation,  # type: ignore[union-attr]
             serializer.validated_data["csr"],
@@ -270,7 +277,7 @@ class RevokeView(APIView):
         device = get_object_or_404(Device, pk=device_id)
         serializer = RevokeSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        services.revoke_device(
+        certificates.revoke_device(
             device, actor=request.user, reason=serializer.validated_data.get("reason", "")
         )
         return Response(DeviceSerializer(device).data)

@@ -7,6 +7,7 @@ and the certificate in the headers nginx would set.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
@@ -31,8 +32,9 @@ from cryptography.x509.oid import NameOID
 
 from devices import ca as server_ca
 from ota_client import cli
-from ota_client.api import Refused, ServerClient
-from ota_client.config import Config
+from ota_client.agent import Agent, Outcome
+from ota_client.api import Offline, Refused, ServerClient
+from ota_client.config import Config, ConfigError
 from ota_client.identity import Identity, IdentityError
 from tests.e2e import fresh_database, gunicorn, manage, server_env
 
@@ -300,3 +302,124 @@ def test_the_command_line(
     # [identity] certificate = true in the file does the same on later runs.
     config = Config.load(toml, use_certificate=True)
     assert ServerClient(config).check()["update_available"] is False
+    # Without it too: the enrolled certificate in state_dir is used (not "no secret, no
+    # certificate", 401 credentials_missing and a refused re-enrollment).
+    config = Config.load(toml)
+    assert not config.use_certificate
+    client = ServerClient(config)
+    assert client.identity is not None and client.http.cert == client.identity.client_cert()
+    assert client.check()["update_available"] is False
+    assert cli.main(["once", "--config", str(toml)]) == 0
+
+
+def test_a_device_enrolled_by_secret_presents_no_certificate(
+    mtls_server: MtlsServer, trust_proxy: None, tmp_path: Path
+) -> None:
+    config = config_for(mtls_server, tmp_path, use_certificate=False)
+    client = ServerClient(config)
+    assert client.ensure_enrolled().device_secret
+    assert client.identity is None and client.http.cert is None
+    assert not (config.state_dir / "device-key.pem").exists()
+    assert not client.certificate_renewal_due()
+
+
+# --- Live: the agent renews the certificate ------------------------------------------------------
+
+
+def _serial(config: Config) -> int:
+    certificate = Identity(config.state_dir).certificate()
+    assert certificate is not None
+    return certificate.serial_number
+
+
+def test_the_agent_renews_its_certificate_when_due(
+    mtls_server: MtlsServer, trust_proxy: None, tmp_path: Path
+) -> None:
+    config = config_for(mtls_server, tmp_path)
+    ServerClient(config).ensure_enrolled()
+    first = _serial(config)
+    key = Identity(config.state_dir).key_path.read_bytes()
+
+    # Not due (2/3 of 365 days): the cycle leaves the certificate alone.
+    assert Agent(config).run_once().outcome is Outcome.IDLE
+    assert _serial(config) == first
+
+    # Due at once (a tiny fraction of the lifetime has passed): renewed in the idle cycle, for
+    # the same key, and the new certificate works over mTLS.
+    due = config.with_overrides(certificate_renew_after=1e-9)
+    assert Agent(due).run_once().outcome is Outcome.IDLE
+    second = _serial(config)
+    assert second != first
+    assert Identity(config.state_dir).key_path.read_bytes() == key
+    assert ServerClient(config).check()["update_available"] is False
+    # Renewal is only from idle: no other phase (an update in progress) renews.
+    agent = Agent(due)
+    assert agent.server.certificate_renewal_due()
+    calls: list[str] = []
+    agent.server.renew_certificate = lambda: calls.append("renew")  # type: ignore[method-assign]
+    for phase in ("downloading", "downloaded", "installing", "installed", "armed"):
+        agent.state.phase = phase
+        with contextlib.suppress(Exception):  # these phases need an offer; there is none
+            agent.step()
+    assert calls == []
+
+
+def test_a_failed_renewal_keeps_the_old_certificate_and_the_cycle(
+    mtls_server: MtlsServer,
+    trust_proxy: None,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    config = config_for(mtls_server, tmp_path, certificate_renew_after=1e-9)
+    ServerClient(config).ensure_enrolled()
+    first = _serial(config)
+    old_pem = Identity(config.state_dir).certificate_path.read_bytes()
+
+    # A power cut while the new certificate is written: the rename never happens.
+    agent = Agent(config)
+    replace = os.replace
+
+    def cut(source: Any, target: Any) -> None:
+        if Path(target).name == "device-cert.pem":
+            raise OSError("power cut")
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", cut)
+    assert agent.run_once().outcome is Outcome.IDLE  # the update check still ran
+    assert "renewing the device certificate failed" in caplog.text
+    assert Identity(config.state_dir).certificate_path.read_bytes() == old_pem
+    assert not list(config.state_dir.glob(".device-cert.pem.*"))  # no temporary left behind
+    # The old pair still works.
+    assert ServerClient(config).check()["update_available"] is False
+
+    # The server unreachable for the renewal alone: logged, and the cycle goes on.
+    monkeypatch.setattr(os, "replace", replace)
+    agent = Agent(config)
+
+    def offline() -> None:
+        raise Offline("POST /api/v1/devices/x/certificate: ConnectionError")
+
+    agent.server.renew_certificate = offline  # type: ignore[method-assign]
+    assert agent.run_once().outcome is Outcome.IDLE
+    assert _serial(config) == first
+
+    # Next cycle: renewed.
+    assert Agent(config).run_once().outcome is Outcome.IDLE
+    assert _serial(config) != first
+
+
+def test_renew_after_is_a_fraction(tmp_path: Path) -> None:
+    base = {
+        "server": "https://ota.example.com",
+        "device_type": DEVICE_TYPE,
+        "hardware_id": "x",
+        "state_dir": str(tmp_path),
+        "current_version": "1.0.0",
+    }
+    config = Config.from_dict({**base, "identity": {"renew_after": 0.5}})
+    assert config.certificate_renew_after == 0.5
+    assert Config.from_dict(base).certificate_renew_after == pytest.approx(2 / 3)
+    for wrong in (0, 1, 1.5, -0.1):
+        with pytest.raises(ConfigError, match="renew_after"):
+            Config.from_dict({**base, "identity": {"renew_after": wrong}})
