@@ -55,21 +55,26 @@ demo: install
 		--sim-token-file var/demo/sim-token
 	$(MAKE) --no-print-directory serve-demo
 
-# The whole embedded product in one terminal: the web server, a Celery worker with beat (the
-# rollout engine, on the filesystem broker) and a simulated fleet of $(SIM_DEVICES) devices.
-# Ctrl-C stops all three. Rate limits: the whole simulated fleet comes from one address, so no
+# The whole embedded product in one terminal: the web server, daphne for the live streams on
+# $(WS_PORT) (pages connect there: CONSOLE_STREAM_URL), a Celery worker with beat (the rollout
+# engine, on the filesystem broker) and a simulated fleet of $(SIM_DEVICES) devices.
+# Ctrl-C stops them all. Rate limits: the whole simulated fleet comes from one address, so no
 # address limit; each device polls every 5 s (12 a minute) and an update adds about a dozen
 # requests, so 60 a minute per device keeps the limit on without slowing the demo.
 DEMO_LIMITS := RATE_LIMIT_IP=0 RATE_LIMIT_DEVICE=60/min
+WS_PORT ?= $(shell echo $$(($(PORT) + 1)))
 serve-demo: install
-	@trap 'kill 0' INT TERM EXIT; \
+	@trap 'trap - INT TERM EXIT; kill 0' INT TERM EXIT; \
+	$(EMBEDDED) $(VENV)/bin/daphne -b $(HOST) -p $(WS_PORT) --access-log /dev/null \
+		ota_site.asgi:application & \
 	$(EMBEDDED) $(VENV)/bin/celery -A ota_site worker -B --pool=solo --loglevel=WARNING \
 		-s var/demo/beat-schedule & \
 	( sleep 4; $(VENV)/bin/ota-client simulate --devices $(SIM_DEVICES) \
 		--server http://$(HOST):$(PORT) --enrollment-token-file var/demo/sim-token \
 		--device-type demo-board --state-dir var/demo/sim --poll-interval 5 \
 		--tuf-root var/demo/tuf-root.json --quiet ) & \
-	$(EMBEDDED) $(DEMO_LIMITS) $(VENV)/bin/gunicorn ota_site.wsgi --bind $(HOST):$(PORT) \
+	$(EMBEDDED) $(DEMO_LIMITS) CONSOLE_STREAM_URL=ws://$(HOST):$(WS_PORT) \
+		$(VENV)/bin/gunicorn ota_site.wsgi --bind $(HOST):$(PORT) \
 		--workers 2 --graceful-timeout 5 --no-control-socket
 
 serve: install

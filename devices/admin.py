@@ -17,7 +17,7 @@ from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.http import urlencode
 
-from devices import services
+from devices import certificates, services
 from devices.models import Device, DeviceCA, DeviceCertificate, DeviceGroup, EnrollmentToken
 from ota_site.admin import ServiceModelAdmin, adopt, events_table, uuid_or_none
 from ota_site.errors import ServiceError
@@ -328,7 +328,7 @@ class DeviceAdmin(ServiceModelAdmin):
     def revoke_devices(self, request: HttpRequest, queryset: QuerySet[Device]) -> None:
         count = 0
         for device in queryset.filter(revoked_at__isnull=True):
-            services.revoke_device(device, actor=request.user, reason="admin action")
+            certificates.revoke_device(device, actor=request.user, reason="admin action")
             count += 1
         self.message_user(
             request,
@@ -594,7 +594,7 @@ class DeviceCertificateAdmin(admin.ModelAdmin):
         self, request: HttpRequest, queryset: QuerySet[DeviceCertificate]
     ) -> None:
         count = sum(
-            services.revoke_certificate(certificate, actor=request.user)
+            certificates.revoke_certificate(certificate, actor=request.user)
             for certificate in queryset.filter(revoked_at__isnull=True)
         )
         self.message_user(request, f"Revoked {count} certificate(s).", messages.SUCCESS)

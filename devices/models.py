@@ -75,6 +75,7 @@ class Device(models.Model):
             models.Index(fields=["device_type", "status"], name="device_type_status_idx"),
             # Online/offline counts and "not seen since" filters.
             models.Index(fields=["last_seen"], name="device_last_seen_idx"),
+            # PostgreSQL also has device_recent_idx for the console's list (migration 0003).
             # Versions in the field and version-range targeting, per device type.
             models.Index(
                 fields=["device_type", "current_version_key"], name="device_type_version_idx"

@@ -1,6 +1,5 @@
 """Every state change of devices, groups and enrollment tokens (views, admin and commands call
-these). The device CA, certificates and revocation are in devices.certificates; their services are
-re-exported here, so this module stays the one entry point for callers."""
+these). The device CA, certificates and revocation have their own module, devices.certificates."""
 
 from __future__ import annotations
 
@@ -8,7 +7,7 @@ import hashlib
 import hmac
 import secrets
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.models import User
@@ -27,42 +26,7 @@ from ota_site.errors import NotAllowed, ServiceError, StateConflict
 from ota_site.events import actor_of, created, diff, record_event
 from ota_site.models import EventKind
 
-if TYPE_CHECKING:  # the re-exports of __getattr__ below, for type checkers
-    from devices.certificates import active_ca as active_ca
-    from devices.certificates import authenticate_certificate as authenticate_certificate
-    from devices.certificates import create_device_ca as create_device_ca
-    from devices.certificates import enroll_with_csr as enroll_with_csr
-    from devices.certificates import issue_certificate as issue_certificate
-    from devices.certificates import renew_certificate as renew_certificate
-    from devices.certificates import revoke_certificate as revoke_certificate
-    from devices.certificates import revoke_device as revoke_device
-    from devices.certificates import trusted_cas as trusted_cas
-
 ENROLLMENT_TOKEN_PREFIX = "ota_enroll_"
-
-# Re-exported from devices.certificates, which builds on this module (register_device,
-# check_credentials): imported on first use, so either module may be imported first.
-_CERTIFICATE_SERVICES = frozenset(
-    {
-        "active_ca",
-        "authenticate_certificate",
-        "create_device_ca",
-        "enroll_with_csr",
-        "issue_certificate",
-        "renew_certificate",
-        "revoke_certificate",
-        "revoke_device",
-        "trusted_cas",
-    }
-)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _CERTIFICATE_SERVICES:
-        from devices import certificates
-
-        return getattr(certificates, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class AuthenticationError(ServiceError):

@@ -1,13 +1,22 @@
-"""Health endpoints for load balancers and orchestrators."""
+"""Health endpoints for load balancers and orchestrators, and the console pages that combine
+every app: the dashboard and the device page (its session history comes from rollouts)."""
 
 from __future__ import annotations
 
+import json
 import logging
+from typing import Any
 
+from django.conf import settings
 from django.db import connection
-from django.http import HttpRequest, JsonResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import get_object_or_404
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_safe
+
+from devices.models import Device, DeviceGroup
+from metrics import queries
+from ota_site.console import ConsoleView
 
 logger = logging.getLogger(__name__)
 
@@ -32,3 +41,76 @@ def health(request: HttpRequest) -> JsonResponse:
     if not healthy:
         response["Retry-After"] = "5"
     return response
+
+
+# --- Console pages ---------------------------------------------------------------------------
+
+
+class DashboardView(ConsoleView):
+    """The fleet at a glance. Live: the page's script re-reads its ``data-live`` regions when the
+    fleet stream reports something (the figures come from metrics.queries' short cache)."""
+
+    section = "dashboard"
+
+    def get(self, request: HttpRequest) -> HttpResponse:
+        summary = queries.fleet_summary()
+        charts = {
+            "versions": {
+                "labels": [f"{v['device_type']} {v['version']}" for v in summary["versions"]],
+                "counts": [v["n"] for v in summary["versions"]],
+            },
+            "statuses": {
+                "labels": [s["label"] for s in summary["statuses"]],
+                "counts": [s["n"] for s in summary["statuses"]],
+            },
+            "online": {
+                "labels": ["Online", "Offline"],
+                "counts": [summary["online"], summary["offline"]],
+            },
+        }
+        return self.render(
+            request,
+            "metrics/dashboard.html",
+            {
+                "summary": summary,
+                "charts": charts,
+                "rollouts": queries.active_rollouts(),
+                "events": queries.recent_events(),
+                "online_window_minutes": settings.DEVICE_ONLINE_WINDOW // 60,
+            },
+        )
+
+
+class DeviceDetailView(ConsoleView):
+    """/devices/<id>/: the record, credentials, sessions and events of one device.
+
+    Served from metrics (the top layer) because the session history comes from rollouts, which
+    devices may not import; the actions it offers post to devices.views."""
+
+    section = "devices"
+
+    def get(self, request: HttpRequest, device_id: Any) -> HttpResponse:
+        device = get_object_or_404(Device.objects.select_related("group"), pk=device_id)
+        certificates = list(device.certificates.order_by("-created_at")[:10])
+        valid_certificates = [c for c in certificates if c.state == "valid"]
+        if device.revoked_at is not None:
+            credentials = "revoked"
+        elif device.secret_hash or valid_certificates:
+            credentials = "active"
+        else:
+            credentials = "reset"
+        return self.render(
+            request,
+            "devices/detail.html",
+            {
+                "device": device,
+                "credentials": credentials,
+                "certificates": certificates,
+                "valid_certificates": len(valid_certificates),
+                "sessions": queries.device_sessions(device.id),
+                "events": queries.recent_events(device_id=device.id),
+                "groups": list(DeviceGroup.objects.only("id", "name")),
+                "metadata_json": json.dumps(device.metadata, indent=2, sort_keys=True),
+                "stream_path": f"/api/v1/stream/devices/{device.id}",
+            },
+        )

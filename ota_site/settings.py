@@ -210,6 +210,20 @@ else:
     }
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 
+# --- Streams (metrics.consumers; docs/console.md "Live streams") -----------------------------
+# Consumers read new event rows when the channel layer wakes them, and on this timer too. The
+# in-memory layer of the embedded mode does not cross processes (gunicorn and Celery publish,
+# daphne holds the sockets), so there the timer delivers, every second; with Redis it is a slow
+# safety net for a lost wake-up.
+STREAM_POLL_INTERVAL = _typed("float", "STREAM_POLL_INTERVAL", 10.0 if REDIS_URL else 1.0)
+# The fleet stream sends at most one aggregated message per this many seconds.
+STREAM_FLEET_INTERVAL = _typed("float", "STREAM_FLEET_INTERVAL", 1.0)
+# Fleet counts are recomputed at most this often per daphne process.
+STREAM_FLEET_COUNTS_TTL = _typed("float", "STREAM_FLEET_COUNTS_TTL", 1.0)
+# How long a stream holds back newer events while an older event id is not committed yet; an id
+# still missing after that was a rolled-back insert (or a transaction longer than this).
+STREAM_GAP_GRACE = _typed("float", "STREAM_GAP_GRACE", 3.0)
+
 # --- Celery ------------------------------------------------------------------------------------
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="") or REDIS_URL or "filesystem://"
 if CELERY_BROKER_URL == "filesystem://":

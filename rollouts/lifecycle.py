@@ -9,6 +9,7 @@ polls read; so a duplicate request or two Celery workers at once change a rollou
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -63,6 +64,9 @@ class Definition:
     device_timeout: int = 3600
     auto_rollback: bool = True
     start_at: datetime | None = None
+    # The id to create the rollout with: stage membership hashes each device with it, so a form
+    # that previewed stage counts with an id gets exactly those stages. None: a new uuid.
+    id: uuid.UUID | None = None
 
 
 # --- Definition rules -------------------------------------------------------------------------
@@ -159,8 +163,11 @@ def _definition_of(rollout: Rollout) -> Definition:
 
 def create_rollout(definition: Definition, *, actor: Any = None) -> Rollout:
     check_definition(definition)
+    if definition.id is not None and Rollout.objects.filter(pk=definition.id).exists():
+        raise StateConflict("This rollout has been created already.", code="rollout_exists")
     with transaction.atomic():
         rollout = Rollout.objects.create(
+            id=definition.id or uuid.uuid4(),
             name=definition.name,
             firmware=definition.firmware,
             device_type=definition.firmware.device_type,

@@ -21,7 +21,7 @@ from django.core.management.base import CommandError
 from django.utils import timezone
 from rest_framework.test import APIClient
 
-from devices import ca, services
+from devices import ca, certificates, services
 from devices.models import Device, DeviceCA, DeviceCertificate, EnrollmentToken
 from ota_site import keystore
 from ota_site.models import Event, EventKind
@@ -44,7 +44,7 @@ def make_csr(key: Any = None, *, cn: str = "my-board", algorithm: Any = None) ->
 
 @pytest.fixture
 def device_ca(db: Any) -> DeviceCA:
-    return services.create_device_ca(common_name="Test device CA", days=30)
+    return certificates.create_device_ca(common_name="Test device CA", days=30)
 
 
 def enroll_body(token: str, csr: str, hardware_id: str = "board-1", **extra: Any) -> dict[str, Any]:
@@ -177,7 +177,7 @@ class TestEnrollment:
         ).exists()
 
     def test_lifetime_setting(self, api: APIClient, settings: Any, db: Any) -> None:
-        services.create_device_ca(common_name="Long CA", days=3650)
+        certificates.create_device_ca(common_name="Long CA", days=3650)
         settings.DEVICE_CERT_LIFETIME_DAYS = 10
         _, token = services.create_enrollment_token(name="t")
         body = api.post(ENROLL, enroll_body(token, make_csr()[1]), format="json").json()
@@ -327,7 +327,7 @@ class TestRenewal:
         self, api: APIClient, device_ca: DeviceCA
     ) -> None:
         device_id, client, _ = csr_enrolled(api)
-        new = services.create_device_ca(common_name="Next CA", days=30, rotate=True)
+        new = certificates.create_device_ca(common_name="Next CA", days=30, rotate=True)
         body = client.post(
             f"/api/v1/devices/{device_id}/certificate", {"csr": make_csr()[1]}, format="json"
         ).json()
@@ -397,7 +397,7 @@ class TestRevocation:
         device_b: DeviceActor,
         device_ca: DeviceCA,
     ) -> None:
-        issued = services.issue_certificate(device_a.device, make_csr()[1])
+        issued = certificates.issue_certificate(device_a.device, make_csr()[1])
         api.force_login(admin_user)
         reply = api.post(revoke_url(device_a.id), {"reason": "stolen"}, format="json")
         assert reply.status_code == 200, reply.content
@@ -433,7 +433,7 @@ class TestRevocation:
     def test_a_revoked_device_gets_no_new_credentials(
         self, api: APIClient, device_a: DeviceActor, device_ca: DeviceCA
     ) -> None:
-        services.revoke_device(device_a.device)
+        certificates.revoke_device(device_a.device)
         reply = api.post(
             "/api/v1/devices/token",
             {"device_id": str(device_a.id), "secret": device_a.secret},
@@ -502,7 +502,7 @@ class TestAdmin:
         device_a: DeviceActor,
         device_ca: DeviceCA,
     ) -> None:
-        issued = services.issue_certificate(device_a.device, make_csr()[1])
+        issued = certificates.issue_certificate(device_a.device, make_csr()[1])
         client.force_login(admin_user)
         page = client.get(f"/admin/devices/device/{device_a.id}/change/")
         assert page.status_code == 200 and issued.serial[:16] in page.content.decode()

@@ -11,7 +11,7 @@ import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
 
-from devices import services as device_services
+from devices import certificates
 from firmware import services as firmware_services
 from firmware import signing, tuf_repo
 from firmware.models import TufKey
@@ -29,7 +29,7 @@ def sealed_everything(settings: Any, tmp_path: Path, db: Any) -> str:
     settings.TUF_AUTO_INIT = True
     settings.TUF_ROOT_KEY_DIR = tmp_path / "tuf-root"
     firmware_services.publish_firmware(FirmwareFactory.create(version="1.1.0"))
-    device_services.create_device_ca(common_name="Fleet CA", days=30)
+    certificates.create_device_ca(common_name="Fleet CA", days=30)
     assert TufKey.objects.exclude(private_key="").count() == 3
     return old
 
@@ -63,8 +63,8 @@ def test_rewrap_moves_every_sealed_key_to_the_new_master_key(
     signing.sign(b"still signs")
     firmware_services.publish_firmware(FirmwareFactory.create(version="1.2.0"))
     assert tuf_repo.update_repository(force=True).written
-    device_services.active_ca()
-    key = device_services.active_ca().private_key
+    certificates.active_ca()
+    key = certificates.active_ca().private_key
     assert keystore.unseal_private_key(key, purpose="device-ca")
 
 

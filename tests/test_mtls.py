@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from rest_framework.test import APIClient
 
-from devices import ca, services
+from devices import ca, certificates
 from devices.models import DeviceCA, DeviceCertificate
 from ota_site import keystore
 from tests.conftest import DeviceActor
@@ -35,12 +35,12 @@ def _proxy(settings: Any) -> None:
 
 @pytest.fixture
 def device_ca(db: Any) -> DeviceCA:
-    return services.create_device_ca(common_name="Test device CA", days=30)
+    return certificates.create_device_ca(common_name="Test device CA", days=30)
 
 
 @pytest.fixture
 def issued(device_a: DeviceActor, device_ca: DeviceCA) -> DeviceCertificate:
-    return services.issue_certificate(device_a.device, make_csr()[1])
+    return certificates.issue_certificate(device_a.device, make_csr()[1])
 
 
 def via_nginx(
@@ -215,7 +215,7 @@ def test_a_failed_verdict_is_refused_with_the_clearest_code(
     failed = via_nginx(ca.to_pem(foreign), verify="FAILED:unable to verify the first certificate")
     refused(ask(api, failed), "certificate_unknown")
     # Revoked, and nginx failed it too: the app's code.
-    services.revoke_certificate(issued)
+    certificates.revoke_certificate(issued)
     failed = via_nginx(issued.certificate, verify="FAILED:certificate has expired")
     refused(ask(api, failed), "certificate_revoked")
 
@@ -258,8 +258,8 @@ def test_device_id_must_match_the_certificate(
 def test_a_revoked_certificate_is_refused(
     api: APIClient, device_a: DeviceActor, issued: DeviceCertificate, device_ca: DeviceCA
 ) -> None:
-    other = services.issue_certificate(device_a.device, make_csr()[1])
-    services.revoke_certificate(issued)
+    other = certificates.issue_certificate(device_a.device, make_csr()[1])
+    certificates.revoke_certificate(issued)
     refused(ask(api, via_nginx(issued.certificate)), "certificate_revoked")
     # The device's other certificate still works.
     assert ask(api, via_nginx(other.certificate)).status_code == 200
@@ -268,7 +268,7 @@ def test_a_revoked_certificate_is_refused(
 def test_a_revoked_device_is_refused(
     api: APIClient, device_a: DeviceActor, issued: DeviceCertificate
 ) -> None:
-    services.revoke_device(device_a.device)
+    certificates.revoke_device(device_a.device)
     refused(ask(api, via_nginx(issued.certificate)), "certificate_revoked")
     # Even if the certificate row were left unrevoked.
     DeviceCertificate.objects.filter(pk=issued.pk).update(revoked_at=None)
@@ -278,9 +278,9 @@ def test_a_revoked_device_is_refused(
 def test_the_old_ca_keeps_working_after_a_rotation(
     api: APIClient, device_a: DeviceActor, issued: DeviceCertificate
 ) -> None:
-    services.create_device_ca(common_name="Next CA", days=30, rotate=True)
+    certificates.create_device_ca(common_name="Next CA", days=30, rotate=True)
     assert ask(api, via_nginx(issued.certificate)).status_code == 200
-    renewed = services.issue_certificate(device_a.device, make_csr()[1])
+    renewed = certificates.issue_certificate(device_a.device, make_csr()[1])
     assert renewed.ca_id != issued.ca_id
     assert ask(api, via_nginx(renewed.certificate)).status_code == 200
 
@@ -302,7 +302,7 @@ def test_a_secret_still_works_and_wins(
     api: APIClient, device_a: DeviceActor, device_b: DeviceActor, device_ca: DeviceCA
 ) -> None:
     """A request with a secret is judged by the secret alone, whatever headers it carries."""
-    cert_b = services.issue_certificate(device_b.device, make_csr()[1])
+    cert_b = certificates.issue_certificate(device_b.device, make_csr()[1])
     body = {"device_id": str(device_a.id), "secret": device_a.secret}
     reply = ask(api, via_nginx(cert_b.certificate), body)
     assert reply.status_code == 200

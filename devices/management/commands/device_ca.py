@@ -8,7 +8,7 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from devices import services
+from devices import certificates
 from devices.models import DeviceCA
 from ota_site.errors import ServiceError
 
@@ -61,7 +61,7 @@ class Command(BaseCommand):
         if action == "init":
             self.init(options)
             return
-        trusted = services.trusted_cas()
+        trusted = certificates.trusted_cas()
         if not trusted:
             raise CommandError("No device CA yet; create it with `manage.py device_ca init`.")
         if action == "export-cert":
@@ -81,7 +81,7 @@ class Command(BaseCommand):
 
     def init(self, options: dict[str, Any]) -> None:
         try:
-            issuer = services.create_device_ca(
+            issuer = certificates.create_device_ca(
                 common_name=options["common_name"],
                 days=options["days"],
                 rotate=options["rotate"],
