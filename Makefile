@@ -29,7 +29,7 @@ TESTENV  := DATABASE_URL=$(TEST_DATABASE_URL) DATABASE_TEST_NAME=$(TEST_DB_NAME)
 # chromium: the console's browser test (tests/test_console_browser.py, through Playwright).
 DEBIAN_PACKAGES := libubootenv-tool softhsm2 nginx chromium
 
-.PHONY: install debian-packages demo serve serve-demo test bench lint format clean
+.PHONY: install debian-packages demo serve serve-demo test screenshots bench lint format clean
 
 $(STAMP):
 	$(PYTHON) -m venv $(VENV)
@@ -84,6 +84,11 @@ serve: install
 test: install debian-packages
 	$(EMBEDDED) OTA_VAR_DIR=$(CURDIR)/var/test $(PY) manage.py makemigrations --check --dry-run
 	$(TESTENV) $(PY) -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
+
+# The console's pictures in docs/screenshots/ (shown by README.md and docs/console.md): the browser
+# test takes them from a real run of the servers when OTA_SCREENSHOTS=1.
+screenshots: install debian-packages
+	$(TESTENV) OTA_SCREENSHOTS=1 $(PY) -m pytest -q tests/test_console_browser.py
 
 bench: install
 	$(TESTENV) $(PY) tests/bench/bench_rollouts.py
