@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -94,8 +95,7 @@ def watch(page: Page) -> Watched:
     watched = Watched(page)
 
     def on_console(message: ConsoleMessage) -> None:
-        # Chromium asks every site for /favicon.ico and logs the 404; the console has no icon.
-        if message.type == "error" and not message.location.get("url", "").endswith("/favicon.ico"):
+        if message.type == "error":
             watched.errors.append(f"console error: {message.text} at {message.location}")
 
     def on_load(_page: Page) -> None:
@@ -315,8 +315,18 @@ def test_operator_runs_a_rollout_and_watches_it_live(tmp_path: Path) -> None:
             widths = [bars.nth(i).evaluate("el => el.style.width") for i in range(bars.count())]
             assert any(width not in ("", "0%", "0.0%") for width in widths), widths
             expect(page.locator("[data-events]")).to_contain_text("session.")
+            # The live stage table comes first: at 1280x800 it shows without scrolling.
+            page.evaluate("window.scrollTo(0, 0)")
+            expect(page.locator("table.stages")).to_be_in_viewport()
+            # Live events name devices as the server does: short, linked, times 24-hour.
+            ref = page.locator("[data-events] li.fresh a.device-ref").first
+            expect(ref).to_have_text(re.compile(r"^[0-9a-f]{8}$"))
+            expect(ref).to_have_attribute("href", re.compile(r"^/devices/[0-9a-f-]{36}/$"))
+            expect(page.locator("[data-events] li.fresh time").first).to_have_text(
+                re.compile(r"^\d\d:\d\d:\d\d$")
+            )
             if SCREENSHOTS:
-                # The stage table with its bars (below the definition at 1280x800).
+                # The stage table with its bars (first under the heading: seen at 1280x800).
                 page.locator("table.stages").scroll_into_view_if_needed()
                 shoot(page, "rollout")
                 shoot_dashboard(dash.page)

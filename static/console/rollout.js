@@ -204,6 +204,17 @@
       fetchTimer = setTimeout(fetchMetrics, wait);
     }
 
+    // A short, linked device reference, as {% device_ref %} (ota_site/templatetags) renders it:
+    // its hardware id when the event names it, else the first 8 hex digits of its id.
+    function deviceRef(id, label) {
+      var link = document.createElement("a");
+      link.className = "mono device-ref";
+      link.href = "/devices/" + encodeURIComponent(id) + "/";
+      link.title = "device " + id;
+      link.textContent = label || String(id).replace(/-/g, "").slice(0, 8);
+      return link;
+    }
+
     function addEvent(msg) {
       if (!events || !msg.id) return;
       if (events.querySelector('[data-event-id="' + msg.id + '"]')) return;
@@ -214,7 +225,12 @@
       item.dataset.eventId = msg.id;
       var time = document.createElement("time");
       time.dateTime = msg.at || "";
-      time.textContent = msg.at ? new Date(msg.at).toLocaleTimeString() : "";
+      var at = msg.at ? new Date(msg.at) : null;
+      if (at && !isNaN(at.getTime())) {
+        // As the server renders them: 24-hour UTC (TIME_ZONE), the full date and time as a title.
+        time.textContent = at.toISOString().slice(11, 19);
+        time.title = at.toISOString().slice(0, 10) + " " + time.textContent + " UTC";
+      }
       var kind = document.createElement("span");
       kind.className = "badge";
       kind.textContent = msg.type;
@@ -222,10 +238,15 @@
       what.className = "what";
       what.appendChild(kind);
       var data = msg.data || {};
-      var text = " " + (msg.actor || (msg.device_id ? "device:" + msg.device_id : "")) +
-        (data.reason ? " — " + data.reason : "") +
+      what.appendChild(document.createTextNode(" "));
+      if (msg.device_id) {
+        what.appendChild(deviceRef(msg.device_id, data.hardware_id));
+      } else if (msg.actor) {
+        what.appendChild(document.createTextNode(msg.actor));
+      }
+      var text = (data.reason ? " — " + data.reason : "") +
         (data.status && msg.type.indexOf("session.") === 0 ? " " + data.status : "");
-      what.appendChild(document.createTextNode(text));
+      if (text) what.appendChild(document.createTextNode(text));
       item.appendChild(time);
       item.appendChild(what);
       events.insertBefore(item, events.firstChild);
