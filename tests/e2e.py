@@ -58,43 +58,27 @@ def manage(env: dict[str, str], *args: str) -> str:
 
 
 @contextmanager
-def gunicorn(env: dict[str, str], workers: int = 2) -> Iterator[str]:
-    port = free_port()
-    log = open(Path(env["OTA_VAR_DIR"]) / "gunicorn.log", "w")  # noqa: SIM115
+def _server(name: str, args: list[str], env: dict[str, str], port: int) -> Iterator[str]:
+    """Run ``python -m <args>`` until it answers /health on ``port``; stop it afterwards. Its
+    output goes to OTA_VAR_DIR/<name>.log, shown if it exits early."""
+    log_path = Path(env["OTA_VAR_DIR"]) / f"{name}.log"
+    log = open(log_path, "w")  # noqa: SIM115
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "ota_site.wsgi",
-            "--bind",
-            f"127.0.0.1:{port}",
-            "--workers",
-            str(workers),
-            "--graceful-timeout",
-            "2",
-            "--no-control-socket",
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
+        [sys.executable, "-m", *args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
     )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
         while True:
             if process.poll() is not None:
-                raise AssertionError(
-                    "gunicorn exited:\n" + (Path(env["OTA_VAR_DIR"]) / "gunicorn.log").read_text()
-                )
+                raise AssertionError(f"{name} exited:\n" + log_path.read_text())
             try:
                 if requests.get(f"{base}/health", timeout=5).status_code == 200:
                     break
             except requests.RequestException:
                 pass
             if time.monotonic() > deadline:
-                raise AssertionError("gunicorn did not answer /health within 30 s")
+                raise AssertionError(f"{name} did not answer /health within 30 s")
             time.sleep(0.2)
         yield base
     finally:
@@ -104,6 +88,27 @@ def gunicorn(env: dict[str, str], workers: int = 2) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             process.kill()
         log.close()
+
+
+@contextmanager
+def gunicorn(env: dict[str, str], workers: int = 2) -> Iterator[str]:
+    """gunicorn (sync workers) serving the HTTP API on a free port; its base URL."""
+    port = free_port()
+    args = ["gunicorn", "ota_site.wsgi", "--bind", f"127.0.0.1:{port}", "--workers", str(workers)]
+    with _server(
+        "gunicorn", [*args, "--graceful-timeout", "2", "--no-control-socket"], env, port
+    ) as base:
+        yield base
+
+
+@contextmanager
+def daphne(env: dict[str, str]) -> Iterator[str]:
+    """daphne serving ota_site.asgi (the WebSocket streams) on a free port, as `make demo` and
+    production run it; its ws:// base URL."""
+    port = free_port()
+    args = ["daphne", "-b", "127.0.0.1", "-p", str(port), "ota_site.asgi:application"]
+    with _server("daphne", args, env, port):
+        yield f"ws://127.0.0.1:{port}"
 
 
 @contextmanager

@@ -38,8 +38,7 @@ from playwright.sync_api import (
 )
 
 from ota_client.simulate import SimulationOptions, run_simulation
-from tests.e2e import ROOT, celery_worker, fresh_database, gunicorn, manage, server_env
-from tests.test_streams_live import daphne
+from tests.e2e import ROOT, celery_worker, daphne, fresh_database, gunicorn, manage, server_env
 
 pytestmark = pytest.mark.e2e
 

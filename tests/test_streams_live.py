@@ -11,15 +11,11 @@ import base64
 import hashlib
 import json
 import os
-import signal
 import socket
 import struct
-import subprocess
-import sys
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -27,12 +23,11 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
-from tests.e2e import ROOT, free_port, fresh_database, gunicorn, manage, server_env
+from tests.e2e import daphne, fresh_database, gunicorn, manage, server_env
 
 pytestmark = pytest.mark.e2e
 
 ADMIN = ("stream-admin", "stream-password-123")
-APPLICATION = "ota_site.asgi:application"
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
@@ -111,43 +106,6 @@ class WebSocket:
         with suppress(OSError):
             self._send(0x8, struct.pack("!H", 1000))
         self.sock.close()
-
-
-@contextmanager
-def daphne(env: dict[str, str]) -> Iterator[str]:
-    """daphne serving ota_site.asgi on a free port, as `make demo` and production run it."""
-    port = free_port()
-    log = open(Path(env["OTA_VAR_DIR"]) / "daphne.log", "w")  # noqa: SIM115
-    process = subprocess.Popen(
-        [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), APPLICATION],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if process.poll() is not None:
-                raise AssertionError(
-                    "daphne exited:\n" + (Path(env["OTA_VAR_DIR"]) / "daphne.log").read_text()
-                )
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/health", timeout=5).ok:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError("daphne did not answer /health within 30 s")
-            time.sleep(0.2)
-        yield f"ws://127.0.0.1:{port}"
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
 
 
 def prepare(env: dict[str, str]) -> str:
