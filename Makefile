@@ -92,6 +92,7 @@ screenshots: install debian-packages
 
 bench: install
 	$(TESTENV) $(PY) tests/bench/bench_rollouts.py
+	$(TESTENV) $(PY) tests/bench/bench_rate_limits.py
 
 lint: install
 	$(VENV)/bin/ruff format --check .
