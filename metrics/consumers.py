@@ -35,14 +35,16 @@ from urllib.parse import parse_qs
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db.models import Count, Q
 from django.utils import timezone
 
 from devices.api.serializers import DeviceSerializer
 from devices.models import Device
+from ota_site.apikeys import ApiKeyUser
 from ota_site.events import FLEET_GROUP, device_group, rollout_group
-from ota_site.models import Event
+from ota_site.models import ApiKey, Event
 from ota_site.permissions import Role, role_of
 from rollouts.api.serializers import SessionSerializer
 from rollouts.evaluation import rollout_metrics
@@ -275,6 +277,21 @@ class EventStream(AsyncJsonWebsocketConsumer):
             return CLOSE_NOT_FOUND
         return None
 
+    def still_allowed(self) -> int | None:
+        """Re-check, while the stream is open, that its listener may still listen: an API key
+        revoked or expired, a user deactivated or left without a role closes the stream (the
+        close code, or None to go on). Runs every STREAM_RECHECK_INTERVAL seconds."""
+        user = self.scope.get("user")
+        if isinstance(user, ApiKeyUser):
+            key = ApiKey.objects.filter(pk=user.key_id).first()
+            return None if key is not None and key.state == "active" else CLOSE_UNAUTHENTICATED
+        fresh = get_user_model().objects.filter(pk=getattr(user, "pk", None), is_active=True)
+        person = fresh.first()
+        if person is None:
+            return CLOSE_UNAUTHENTICATED
+        role = role_of(person)
+        return None if role is not None and role >= Role.VIEWER else CLOSE_FORBIDDEN
+
     def after(self) -> int | None:
         """``?after=<event id>``: None if absent, -1 if malformed."""
         try:
@@ -306,8 +323,15 @@ class EventStream(AsyncJsonWebsocketConsumer):
 
     async def run(self) -> None:
         first = True  # a fresh look at once: wake-ups sent before this stream joined are lost
+        recheck_at = time.monotonic() + settings.STREAM_RECHECK_INTERVAL
         try:
             while True:
+                if time.monotonic() >= recheck_at:
+                    code = await database_sync_to_async(self.still_allowed)()
+                    if code is not None:
+                        await self.close(code=code)
+                        return
+                    recheck_at = time.monotonic() + settings.STREAM_RECHECK_INTERVAL
                 # Aggregating streams wait out their interval; what arrives meanwhile goes into
                 # the next message.
                 delay = self.not_before - time.monotonic()
@@ -318,6 +342,7 @@ class EventStream(AsyncJsonWebsocketConsumer):
                 pending = await self.catch_up(wanted, force=first)
                 first = False
                 interval = GAP_RECHECK if pending else settings.STREAM_POLL_INTERVAL
+                interval = min(interval, max(recheck_at - time.monotonic(), 0.0))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.wake.wait(), interval)
         except asyncio.CancelledError:

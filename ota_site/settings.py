@@ -223,6 +223,9 @@ STREAM_FLEET_COUNTS_TTL = _typed("float", "STREAM_FLEET_COUNTS_TTL", 1.0)
 # How long a stream holds back newer events while an older event id is not committed yet; an id
 # still missing after that was a rolled-back insert (or a transaction longer than this).
 STREAM_GAP_GRACE = _typed("float", "STREAM_GAP_GRACE", 3.0)
+# An open stream re-checks its listener this often: a revoked API key, a deactivated user or a
+# removed role closes it (4401/4403) within this many seconds.
+STREAM_RECHECK_INTERVAL = _typed("float", "STREAM_RECHECK_INTERVAL", 30.0)
 
 # --- Celery ------------------------------------------------------------------------------------
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="") or REDIS_URL or "filesystem://"

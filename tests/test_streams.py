@@ -32,6 +32,7 @@ from ota_site.asgi import application
 from ota_site.events import record_event
 from ota_site.models import Event, EventKind
 from ota_site.permissions import Role
+from ota_site.roles import set_role
 from rollouts import lifecycle
 from tests.conftest import enroll, person
 from tests.factories import FirmwareFactory
@@ -496,5 +497,33 @@ def test_fleet_updates_are_spaced_by_the_interval(transactional_db: Any) -> None
         assert 2 <= len(times) <= 4
         assert all(b - a >= 0.9 for a, b in itertools.pairwise(times))
         await stream.disconnect()
+
+    run(scenario)
+
+
+def test_an_open_stream_closes_when_its_key_is_revoked_or_its_role_removed(
+    transactional_db: Any, settings: Any
+) -> None:
+    settings.STREAM_RECHECK_INTERVAL = 0.3
+    key, token = apikeys.create_api_key(name="short-lived", role=Role.VIEWER)
+    header = (b"authorization", f"ApiKey {token}".encode())
+    viewer = person("vera", Role.VIEWER)
+    cookie = session_cookie(viewer)
+
+    async def closed_with(stream: WebsocketCommunicator) -> int:
+        while True:  # the snapshot and any events first, then the close
+            output = await stream.receive_output(timeout=5)
+            if output["type"] == "websocket.close":
+                return int(output["code"])
+
+    async def scenario() -> None:
+        by_key = await open_stream("/api/v1/stream/fleet", header)
+        by_session = await open_stream("/api/v1/stream/fleet", cookie)
+        await database_sync_to_async(apikeys.revoke_api_key)(key)
+        await database_sync_to_async(set_role)(viewer, None)
+        assert await closed_with(by_key) == 4401
+        assert await closed_with(by_session) == 4403
+        await by_key.disconnect()
+        await by_session.disconnect()
 
     run(scenario)
