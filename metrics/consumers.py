@@ -285,8 +285,10 @@ class EventStream(AsyncJsonWebsocketConsumer):
         if isinstance(user, ApiKeyUser):
             key = ApiKey.objects.filter(pk=user.key_id).first()
             return None if key is not None and key.state == "active" else CLOSE_UNAUTHENTICATED
-        fresh = get_user_model().objects.filter(pk=getattr(user, "pk", None), is_active=True)
-        person = fresh.first()
+        user_id = getattr(user, "pk", None)
+        if user_id is None:
+            return CLOSE_UNAUTHENTICATED
+        person = get_user_model().objects.filter(pk=user_id, is_active=True).first()
         if person is None:
             return CLOSE_UNAUTHENTICATED
         role = role_of(person)
