@@ -11,8 +11,10 @@ picture; in short:
   next root is signed by a threshold of the old keys AND of the new ones (``tuf rotate-root``).
 - targets, snapshot, timestamp: online keys whose private halves are sealed in ``TufKey``
   (``ota_site.keystore``, purpose ``tuf-online``) so that publishing and the Celery beat task can
-  sign. Every published firmware is a target ``<device_type>/<version>/<file name>`` with its
-  length, sha256 and custom ``{version, device_type, release_counter, firmware_id}``.
+  sign. ``tuf rotate-online`` replaces them (root N+1 signed by the root keys; the old online
+  keys are not needed, so it also recovers from a lost master key). Every published firmware
+  is a target ``<device_type>/<version>/<file name>`` with its length, sha256 and custom
+  ``{version, device_type, release_counter, firmware_id}``.
 - consistent snapshots: snapshot and targets are served as ``N.snapshot.json``/``N.targets.json``
   and never change once written; timestamp is served as ``timestamp.json`` (its newest version).
 
@@ -360,8 +362,13 @@ def _check_threshold(count: int, threshold: int) -> None:
         )
 
 
-def _record_root(root: Root, actor: str, what: str) -> None:
-    data = {"version": root.version, "keyids": root.roles[TufRole.ROOT].keyids, "what": what}
+def _record_root(root: Root, actor: str, what: str, **extra: Any) -> None:
+    data = {
+        "version": root.version,
+        "keyids": root.roles[TufRole.ROOT].keyids,
+        "what": what,
+        **extra,
+    }
     record_event(EventKind.TUF_ROOT_SIGNED, actor=actor, data=data)
     logger.warning("TUF root %s by %s: %s", what, actor, json.dumps(data))
 
@@ -499,6 +506,116 @@ def rotate_root(
         retired = old_ids - set(root.roles[TufRole.ROOT].keyids)
         TufKey.objects.filter(keyid__in=retired, retired_at=None).update(retired_at=timezone.now())
         _record_root(root, actor, "rotated")
+    return metadata
+
+
+def _conflict(detail: str, code: str) -> TufError:
+    return TufError(detail, code=code, status_code=409)
+
+
+def parse_online_roles(value: str | Iterable[str] | None) -> list[str]:
+    """``"targets,snapshot"`` (or a list) as online roles in signing order; TufError otherwise."""
+    if value is None:
+        return [str(role) for role in ONLINE_ROLES]
+    names = value.split(",") if isinstance(value, str) else list(value)
+    wanted = {name.strip() for name in names if name.strip()}
+    unknown = sorted(wanted - {str(role) for role in ONLINE_ROLES})
+    if unknown or not wanted:
+        raise _conflict(
+            f"Unknown online role {', '.join(unknown) or '(none given)'}: choose among "
+            f"{', '.join(ONLINE_ROLES)}.",
+            "tuf_unknown_role",
+        )
+    return [str(role) for role in ONLINE_ROLES if role in wanted]
+
+
+def rotate_online(
+    root_signers: Sequence[CryptoSigner],
+    roles: str | Iterable[str] | None = None,
+    *,
+    actor: str = "system",
+) -> Metadata[Root]:
+    """Give ``roles`` (default: all online roles) new online keys.
+
+    Writes root N+1 naming the new keys (root keys unchanged, so a threshold of them signs it
+    once), retires the old key rows and re-signs the rotated roles with the new keys: a new
+    targets makes a new snapshot, a new snapshot a new timestamp. Nothing needs the old online
+    keys, so this is also the way out after the master key that sealed them is lost: the roles
+    downstream of a rotated one (snapshot after targets, timestamp after snapshot) are re-signed
+    too, so rotate all of them when the old keys cannot be unsealed. One transaction under the
+    repository lock: a refusal writes nothing.
+    """
+    chosen = parse_online_roles(roles)
+    moment = _now(None)
+    with transaction.atomic():
+        if _lock() is None:
+            raise _conflict("The TUF repository is not initialised.", "tuf_not_initialised")
+        old_md = current_root()
+        assert old_md is not None
+        old = old_md.signed
+        root_role = old.roles[TufRole.ROOT]
+        usable = {
+            _public_of(s).keyid: s for s in root_signers if _public_of(s).keyid in root_role.keyids
+        }
+        if len(usable) < root_role.threshold:
+            raise _conflict(
+                f"Root v{old.version} needs {root_role.threshold} of its keys; "
+                f"{len(usable)} of the given keys are among them.",
+                "tuf_threshold",
+            )
+        root = Root(
+            version=old.version + 1,
+            expires=moment + timedelta(seconds=settings.TUF_ROOT_EXPIRY),
+            keys={},
+            roles={name: Role([], 1) for name in old.roles},
+            consistent_snapshot=True,
+        )
+        for name, role in old.roles.items():
+            if name in chosen:
+                continue
+            for keyid in role.keyids:
+                root.add_key(old.keys[keyid], name)
+            root.roles[name].threshold = role.threshold
+        retired: list[str] = []
+        for name in chosen:
+            retired += old.roles[name].keyids
+            private = generate_key()
+            public = _public_of(signer_of(private))
+            root.add_key(public, name)
+            TufKey.objects.create(
+                keyid=public.keyid,
+                role=name,
+                public=public.to_dict(),
+                private_key=keystore.seal_private_key(private, purpose=ONLINE_PURPOSE),
+            )
+        TufKey.objects.filter(role__in=chosen, retired_at=None).exclude(
+            keyid__in=[k for name in chosen for k in root.roles[name].keyids]
+        ).update(retired_at=timezone.now())
+        row = _store(root, usable.values())
+        metadata = _load(row, Root)
+        # Both checks a client makes; a failure rolls everything back.
+        old.verify_delegate(TufRole.ROOT, metadata.signed_bytes, metadata.signatures)
+        root.verify_delegate(TufRole.ROOT, metadata.signed_bytes, metadata.signatures)
+        try:
+            result = update_repository(now=moment)
+        except keystore.KeystoreError as exc:
+            raise _conflict(
+                f"A role downstream of {', '.join(chosen)} must be re-signed but its online key "
+                f"cannot be unsealed ({exc}); rotate it too (--roles "
+                f"{','.join(ONLINE_ROLES)}).",
+                "tuf_no_key",
+            ) from exc
+        missing = [name for name in chosen if name not in result.written]
+        assert not missing, f"rotated roles not re-signed: {missing}"
+        _record_root(
+            root,
+            actor,
+            "online keys rotated",
+            roles=chosen,
+            online_keyids={name: root.roles[name].keyids for name in chosen},
+            retired_keyids=retired,
+            written=result.written,
+        )
     return metadata
 
 

@@ -21,12 +21,13 @@ from django.db import connection
 from django.utils import timezone
 from rest_framework.test import APIClient
 from tuf.api import exceptions as tuf_exceptions
-from tuf.api.metadata import Metadata, Root, Targets
+from tuf.api.metadata import Metadata, MetaFile, Root, Targets, Timestamp
 from tuf.ngclient import Updater
 from tuf.ngclient.fetcher import FetcherInterface
 
 from firmware import services, tasks, tuf_repo
 from firmware.models import Firmware, TufKey, TufMetadata
+from ota_site.models import Event, EventKind
 from tests.conftest import DeviceActor
 from tests.factories import FirmwareFactory
 
@@ -242,6 +243,171 @@ def test_root_rotation_needs_a_threshold_of_old_and_new_keys(
     out = tmp_path / "root.json"
     run("export-root", "--out", str(out))
     assert Metadata[Root].from_bytes(out.read_bytes()).signed.version == 2
+
+
+def init_keys(tmp_path: Path, count: int = 3, threshold: int = 2) -> list[str]:
+    files: list[str] = json.loads(
+        run(
+            "init",
+            "--root-keys",
+            str(count),
+            "--threshold",
+            str(threshold),
+            "--out",
+            str(tmp_path / "old"),
+            "--json",
+        )
+    )["key_files"]
+    return files
+
+
+def online_versions() -> dict[str, int]:
+    return {role: tuf_repo.latest(role).version for role in tuf_repo.ONLINE_ROLES}  # type: ignore[union-attr]
+
+
+def snapshot_of_state() -> tuple[list[tuple[str, int]], list[tuple[str, bool]]]:
+    metadata = sorted(TufMetadata.objects.values_list("role", "version"))
+    keys = sorted((k.keyid, k.retired_at is None) for k in TufKey.objects.all())
+    return metadata, keys
+
+
+def test_online_key_rotation_is_walked_by_a_client_from_root_v1(
+    device_a: DeviceActor, tmp_path: Path
+) -> None:
+    old_files = init_keys(tmp_path)
+    published = publish("1.1.0")
+    root_v1_md = tuf_repo.current_root()
+    assert root_v1_md is not None
+    old_timestamp = tuf_repo._online_signer("timestamp", root_v1_md.signed)
+    old_ids = {r: root_v1_md.signed.roles[r].keyids for r in tuf_repo.ONLINE_ROLES}
+    before = online_versions()
+
+    result = json.loads(run("rotate-online", "--root-key", *old_files[:2], "--json"))
+    assert result["root_version"] == 2
+    assert result["roles"] == ["targets", "snapshot", "timestamp"]
+    assert result["versions"] == {role: v + 1 for role, v in before.items()}
+    root = tuf_repo.current_root()
+    assert root is not None and root.signed.version == 2
+    # The root keys and threshold are the same; every online role has a new key.
+    assert root.signed.roles["root"].keyids == root_v1_md.signed.roles["root"].keyids
+    assert root.signed.roles["root"].threshold == 2 and len(root.signatures) == 2
+    for role, ids in old_ids.items():
+        [new_id] = root.signed.roles[role].keyids
+        assert new_id not in ids and result["keyids"][role] == [new_id]
+        new_key = TufKey.objects.get(keyid=new_id)
+        assert new_key.retired_at is None and new_key.role == role
+        assert json.loads(new_key.private_key)["purpose"] == "tuf-online"
+        assert all(k.retired_at is not None for k in TufKey.objects.filter(keyid__in=ids))
+    event = Event.objects.filter(kind=EventKind.TUF_ROOT_SIGNED).latest("id")
+    assert event.data["what"] == "online keys rotated" and event.data["version"] == 2
+
+    # A device that shipped with root v1 walks to v2 and accepts the newly signed roles.
+    client = updater(device_a.client, tmp_path, root_v1())
+    client.refresh()
+    assert client.get_targetinfo(tuf_repo.target_path(published)) is not None
+    assert (tmp_path / "client-metadata" / "root_history" / "2.root.json").exists()
+    # The beat task signs with the new keys from now on.
+    assert tuf_repo.update_repository(force=True).written == ["snapshot", "timestamp"]
+    updater(device_a.client, tmp_path, root_v1()).refresh()
+
+    # A timestamp signed with the old (perhaps stolen) key is refused.
+    forged = Timestamp(
+        version=tuf_repo.latest("timestamp").version + 1,  # type: ignore[union-attr]
+        expires=timezone.now().replace(microsecond=0) + timedelta(days=1),
+        snapshot_meta=MetaFile(version=tuf_repo.latest("snapshot").version),  # type: ignore[union-attr]
+    )
+    signed = Metadata(forged)
+    signed.sign(old_timestamp)
+    TufMetadata.objects.create(
+        role="timestamp",
+        version=forged.version,
+        content=signed.to_bytes(tuf_repo.SERIALIZER),
+        expires=forged.expires,
+    )
+    (tmp_path / "fresh").mkdir()
+    with pytest.raises(tuf_exceptions.UnsignedMetadataError):
+        updater(device_a.client, tmp_path / "fresh", root_v1()).refresh()
+    # So is it for a device that already trusts the rotated metadata.
+    with pytest.raises(tuf_exceptions.UnsignedMetadataError):
+        updater(device_a.client, tmp_path, root_v1()).refresh()
+
+
+def test_rotating_only_the_timestamp_key_resigns_only_the_timestamp(
+    db: Any, tmp_path: Path
+) -> None:
+    [key] = init_keys(tmp_path, 1, 1)
+    publish("1.0.0")
+    root = tuf_repo.current_root()
+    assert root is not None
+    targets_ids = root.signed.roles["targets"].keyids
+    before = online_versions()
+    result = json.loads(run("rotate-online", "--roles", "timestamp", "--root-key", key, "--json"))
+    assert result["roles"] == ["timestamp"]
+    assert result["versions"] == {**before, "timestamp": before["timestamp"] + 1}
+    root = tuf_repo.current_root()
+    assert root is not None and root.signed.roles["targets"].keyids == targets_ids
+    assert TufKey.objects.filter(role="timestamp", retired_at__isnull=False).count() == 1
+    assert TufKey.objects.filter(role="targets", retired_at__isnull=False).count() == 0
+
+
+def test_online_rotation_works_when_the_old_online_keys_cannot_be_unsealed(
+    device_a: DeviceActor, tmp_path: Path
+) -> None:
+    [key] = init_keys(tmp_path, 1, 1)
+    published = publish("1.1.0")
+    # The master key that sealed the online keys is lost: no envelope opens any more.
+    for record in TufKey.objects.exclude(role="root"):
+        envelope = json.loads(record.private_key)
+        envelope["kek"] = "lost-master-key"
+        record.private_key = json.dumps(envelope)
+        record.save()
+    with pytest.raises(CommandError, match="cannot be unsealed"):
+        run("refresh", "--force")
+    # A partial rotation needs the old snapshot key (to list the new targets): refused, clearly.
+    state = snapshot_of_state()
+    with pytest.raises(CommandError, match="rotate it too"):
+        run("rotate-online", "--roles", "targets", "--root-key", key)
+    assert snapshot_of_state() == state
+
+    run("rotate-online", "--root-key", key)
+    assert tuf_repo.update_repository(force=True).written == ["snapshot", "timestamp"]
+    client = updater(device_a.client, tmp_path, root_v1())
+    client.refresh()
+    assert client.get_targetinfo(tuf_repo.target_path(published)) is not None
+
+
+def test_online_rotation_refusals_write_nothing(db: Any, tmp_path: Path) -> None:
+    [stranger] = json.loads(run("keygen", "--out", str(tmp_path / "stranger"), "--json"))[
+        "key_files"
+    ]
+    with pytest.raises(CommandError, match="not initialised"):
+        run("rotate-online", "--root-key", stranger)
+    with pytest.raises(tuf_repo.TufError) as refused:
+        tuf_repo.rotate_online([tuf_repo.load_key_file(Path(stranger))])
+    assert refused.value.status_code == 409
+    assert not TufMetadata.objects.exists()
+
+    old = init_keys(tmp_path)
+    publish("1.0.0")
+    state = snapshot_of_state()
+    events = Event.objects.count()
+    with pytest.raises(CommandError, match="needs 2 of its keys; 1 of the given"):
+        run("rotate-online", "--root-key", old[0])
+    with pytest.raises(CommandError, match="needs 2 of its keys; 1 of the given"):
+        run("rotate-online", "--root-key", old[0], old[0])
+    with pytest.raises(CommandError, match="needs 2 of its keys; 1 of the given"):
+        run("rotate-online", "--root-key", old[0], stranger)
+    with pytest.raises(CommandError, match="Unknown online role root"):
+        run("rotate-online", "--roles", "targets,root", "--root-key", *old)
+    with pytest.raises(CommandError, match="Unknown online role"):
+        run("rotate-online", "--roles", ",", "--root-key", *old)
+    with pytest.raises(CommandError, match="Cannot load the key"):
+        run("rotate-online", "--root-key", str(tmp_path / "missing.pem"))
+    with pytest.raises(tuf_repo.TufError) as refused:
+        tuf_repo.rotate_online([tuf_repo.load_key_file(Path(old[0]))], ["snapshot"])
+    assert refused.value.status_code == 409 and refused.value.code == "tuf_threshold"
+    assert snapshot_of_state() == state
+    assert Event.objects.count() == events
 
 
 # --- Freshness: the beat task ------------------------------------------------------------------

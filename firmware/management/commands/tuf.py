@@ -3,12 +3,15 @@
     tuf init --root-keys 3 --threshold 2 --out /secure/usb [--passphrase-env VAR] [--json]
     tuf keygen --count 3 --out /secure/usb/new [--passphrase-env VAR] [--json]
     tuf rotate-root --old-key F [F ...] --new-key F [F ...] [--threshold T] [--json]
+    tuf rotate-online [--roles targets,snapshot,timestamp] --root-key F [F ...] [--json]
     tuf export-root [--version N] --out root.json      (what devices ship with: trust.tuf_root)
     tuf refresh [--force] [--json]                     (what the beat task runs)
     tuf status [--json]
 
-Root keys are offline: the server never stores their private halves. Run init and rotate-root
-on a machine that can reach the database with the key files mounted only for that moment.
+Root keys are offline: the server never stores their private halves. Run init, rotate-root and
+rotate-online on a machine that can reach the database with the key files mounted only for that
+moment. rotate-online replaces the sealed online keys (a suspected server compromise, a lost
+master key): it needs a threshold of the root keys and nothing of the old online keys.
 """
 
 from __future__ import annotations
@@ -39,8 +42,8 @@ def _passphrase(options: dict[str, Any]) -> str | None:
 
 class Command(BaseCommand):
     help = (
-        "Create and operate the TUF repository: init, keygen, rotate-root, export-root, "
-        "refresh, status."
+        "Create and operate the TUF repository: init, keygen, rotate-root, rotate-online, "
+        "export-root, refresh, status."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -65,6 +68,18 @@ class Command(BaseCommand):
         rotate.add_argument("--threshold", type=int, help="New root threshold (default: kept).")
         rotate.add_argument("--passphrase-env")
         rotate.add_argument("--json", action="store_true")
+
+        online = sub.add_parser(
+            "rotate-online", help="New online keys, listed by root N+1 (signed by root keys)."
+        )
+        online.add_argument(
+            "--roles",
+            default=",".join(tuf_repo.ONLINE_ROLES),
+            help="Comma-separated online roles to rotate (default: targets,snapshot,timestamp).",
+        )
+        online.add_argument("--root-key", nargs="+", required=True, type=Path)
+        online.add_argument("--passphrase-env")
+        online.add_argument("--json", action="store_true")
 
         export = sub.add_parser("export-root", help="Write a root as served (default: newest).")
         export.add_argument("--version", type=int)
@@ -139,6 +154,30 @@ class Command(BaseCommand):
             "keyids": root.signed.roles["root"].keyids,
         }
         self._emit(options, data, f"TUF root v{root.signed.version} signed and published.")
+
+    def _rotate_online(self, options: dict[str, Any]) -> None:
+        roles = tuf_repo.parse_online_roles(options["roles"])
+        if not tuf_repo.is_initialised():
+            raise CommandError("The TUF repository is not initialised (manage.py tuf init).")
+        passphrase = _passphrase(options)
+        signers = [tuf_repo.load_key_file(p, passphrase) for p in options["root_key"]]
+        root = tuf_repo.rotate_online(signers, roles, actor=ACTOR)
+        data = {
+            "root_version": root.signed.version,
+            "roles": roles,
+            "keyids": {role: root.signed.roles[role].keyids for role in roles},
+            "versions": {
+                role: version
+                for role in tuf_repo.ONLINE_ROLES
+                if (version := getattr(tuf_repo.latest(role), "version", None)) is not None
+            },
+        }
+        self._emit(
+            options,
+            data,
+            f"TUF root v{root.signed.version} signed and published with new online keys for "
+            f"{', '.join(roles)}; the old keys are retired.",
+        )
 
     def _export_root(self, options: dict[str, Any]) -> None:
         content = tuf_repo.root_bytes(options["version"])
