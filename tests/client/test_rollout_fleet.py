@@ -65,7 +65,7 @@ class Server:
         return rollout
 
     def rollout(self, rollout: str) -> dict[str, Any]:
-        return dict(self.http.get(f"{self.base}/api/v1/rollouts/{rollout}", timeout=10).json())
+        return dict(self.http.get(f"{self.base}/api/v1/rollouts/{rollout}", timeout=30).json())
 
     def metrics(self, rollout: str) -> dict[str, Any]:
         reply = self.http.get(f"{self.base}/api/v1/rollouts/{rollout}/metrics", timeout=30)
@@ -135,9 +135,17 @@ def enroll(server: Server, token: str, state_dir: Path, devices: int) -> None:
 def watch(
     server: Server, rollout: str, until: set[str], stop: threading.Event, seen: list[dict[str, Any]]
 ) -> None:
-    """Record the rollout's (status, stage) changes; stop the fleet once it reaches ``until``."""
+    """Record the rollout's (status, stage) changes; stop the fleet once it reaches ``until``.
+
+    A slow answer (a 2-core machine serving the whole simulated fleet and the rest of the suite)
+    is retried rather than ending the watch: the fleet would then never be stopped.
+    """
     while not stop.is_set():
-        state = server.rollout(rollout)
+        try:
+            state = server.rollout(rollout)
+        except requests.RequestException:
+            time.sleep(0.5)
+            continue
         step = {"status": state["status"], "stage": state["current_stage"]}
         if not seen or seen[-1] != step:
             seen.append(step)
