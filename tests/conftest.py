@@ -129,3 +129,15 @@ def content_of(response: Any) -> bytes:
     if getattr(response, "streaming", False):
         return b"".join(response.streaming_content)
     return bytes(response.content)
+
+
+@pytest.fixture
+def v1(db: Any) -> Firmware:
+    """Firmware 1.0.0 for board-a, published (the version rollouts roll back to)."""
+    return firmware_services.publish_firmware(FirmwareFactory.create(version="1.0.0"))
+
+
+@pytest.fixture
+def v2(db: Any) -> Firmware:
+    """Firmware 1.1.0 for board-a, published (the version rollouts roll out)."""
+    return firmware_services.publish_firmware(FirmwareFactory.create(version="1.1.0"))
