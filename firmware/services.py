@@ -15,7 +15,7 @@ from django.db.models import ProtectedError
 from django.utils import timezone
 from django.utils.text import get_valid_filename
 
-from firmware import signing, tuf_repo
+from firmware import key_chains, signing, tuf_repo
 from firmware.models import Firmware
 from ota_site import cache
 from ota_site.errors import ServiceError, StateConflict
@@ -357,13 +357,13 @@ def published_firmware_by_id(firmware_id: Any) -> PublishedFirmware | None:
 class OfferKeys(TypedDict):
     """What a device needs to trust a firmware signed by a key it has not seen yet."""
 
-    key_chain: list[signing.ChainLink]
-    retired_keys: list[signing.RetiredKey]
+    key_chain: list[key_chains.ChainLink]
+    retired_keys: list[key_chains.RetiredKey]
 
 
 def offer_keys(key_id: str) -> OfferKeys:
     """The endorsement chain up to ``key_id`` and the signed retirements, from the cache."""
-    return OfferKeys(key_chain=signing.key_chain(key_id), retired_keys=signing.retired_keys())
+    return OfferKeys(key_chain=key_chains.key_chain(key_id), retired_keys=key_chains.retired_keys())
 
 
 def remember_published(info: PublishedFirmware) -> None:

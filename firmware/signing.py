@@ -36,7 +36,7 @@ import json
 import logging
 import re
 from dataclasses import dataclass
-from typing import Any, Protocol, TypedDict
+from typing import Any, Protocol
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -46,9 +46,9 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 from rest_framework import status
 
-from firmware import hsm
+from firmware import hsm, key_chains
 from firmware.models import Firmware, SigningKey
-from ota_site import cache, keystore
+from ota_site import keystore
 from ota_site.errors import ServiceError, StateConflict
 from ota_site.events import actor_of, record_event
 from ota_site.models import EventKind
@@ -58,8 +58,6 @@ logger = logging.getLogger(__name__)
 PURPOSE = "firmware-signing"
 ENDORSEMENT_TYPE = "ota-key-endorsement"
 RETIREMENT_TYPE = "ota-key-retirement"
-CHAIN_CACHE_KEY = "fw:keychain:v1"
-CHAIN_CACHE_TIMEOUT = 3600
 _KEY_ID = re.compile(r"[0-9a-f]{1,32}")
 # Signed by a token key to prove that it is there and is the key its row names.
 PROBE = b"ota-signing-key-probe"
@@ -382,16 +380,12 @@ def sign(data: bytes) -> tuple[str, SigningKey]:
     """Sign bytes with the current key; return the base64 signature and the key."""
     signer, record = current_signer()
     signature = _sign_with(signer, data)
-    _chains()  # warm the chain cache, so the first offer of this firmware stays within budget
+    # Warm the chain cache, so the first offer of this firmware stays within the query budget.
+    key_chains.chains()
     return signature, record
 
 
 # --- Rotation, retirement, rewrap ---------------------------------------------------------------
-
-
-def _forget_chain() -> None:
-    cache.delete(CHAIN_CACHE_KEY)
-    transaction.on_commit(lambda: cache.delete(CHAIN_CACHE_KEY))
 
 
 def rotate(
@@ -470,7 +464,7 @@ def _rotate_to(made: NewKey, *, actor: Any, unendorsed: bool) -> SigningKey:
                 "backend": new.backend,
             },
         )
-        _forget_chain()
+        key_chains.forget()
     logger.info("rotated the firmware signing key to %s", new.key_id)
     return new
 
@@ -526,7 +520,7 @@ def retire(key_id: str, *, actor: Any = None) -> Retired:
             actor=actor_of(actor),
             data={"key_id": key.key_id, "retired_by": current.key_id, "resigned": resigned},
         )
-        _forget_chain()
+        key_chains.forget()
     logger.info("retired the firmware signing key %s (%s firmware re-signed)", key_id, resigned)
     return Retired(key=key, resigned=resigned)
 
@@ -597,90 +591,3 @@ def custody_problem(key: SigningKey) -> str:
     except SigningUnavailable as exc:
         return exc.detail
     return ""
-
-
-# --- The chain that devices follow ----------------------------------------------------------------
-
-
-class ChainLink(TypedDict):
-    key_id: str
-    public_key: str
-    endorsed_by: str | None
-    endorsement: str
-
-
-class RetiredKey(TypedDict):
-    key_id: str
-    retired_by: str
-    retirement: str
-
-
-class KeyChains(TypedDict):
-    """Every key's public facts, cached together: the table is tiny and changes rarely."""
-
-    keys: dict[str, ChainLink]
-    order: list[str]  # oldest first
-    retired: list[RetiredKey]
-
-
-def _chains() -> KeyChains:
-    cached = cache.get(CHAIN_CACHE_KEY)
-    if cached is not cache.MISSING:
-        return cached
-    keys: dict[str, ChainLink] = {}
-    order: list[str] = []
-    retired: list[RetiredKey] = []
-    for key in SigningKey.objects.order_by("created_at", "key_id").only(
-        "key_id",
-        "public_key",
-        "endorsed_by",
-        "endorsement",
-        "status",
-        "retired_by",
-        "retirement",
-    ):
-        order.append(key.key_id)
-        keys[key.key_id] = ChainLink(
-            key_id=key.key_id,
-            public_key=key.public_key,
-            endorsed_by=key.endorsed_by_id,
-            endorsement=key.endorsement,
-        )
-        if key.status == SigningKey.Status.RETIRED and key.retired_by_id and key.retirement:
-            retired.append(
-                RetiredKey(
-                    key_id=key.key_id, retired_by=key.retired_by_id, retirement=key.retirement
-                )
-            )
-    chains = KeyChains(keys=keys, order=order, retired=retired)
-    cache.set(CHAIN_CACHE_KEY, chains, CHAIN_CACHE_TIMEOUT)
-    return chains
-
-
-def key_chain(key_id: str) -> list[ChainLink]:
-    """The endorsements from the oldest non-retired key to ``key_id``, oldest first.
-
-    Walks ``endorsed_by`` back from ``key_id`` to the start of its chain, then leaves out the
-    retired keys at the old end. The first link still names the (retired) key that endorsed it,
-    with that endorsement made before the retirement: that is what links a device that knew only
-    the retired key to the newer ones. Retired keys in the middle stay, or the chain would break.
-    """
-    chains = _chains()
-    retired = {item["key_id"] for item in chains["retired"]}
-    links: list[ChainLink] = []
-    seen: set[str] = set()
-    current: str | None = key_id
-    while current and current in chains["keys"] and current not in seen:
-        seen.add(current)
-        link = chains["keys"][current]
-        links.append(link)
-        current = link["endorsed_by"]
-    links.reverse()
-    while len(links) > 1 and links[0]["key_id"] in retired:
-        links.pop(0)
-    return links
-
-
-def retired_keys() -> list[RetiredKey]:
-    """The signed retirement statements, for devices to drop keys they still trust."""
-    return list(_chains()["retired"])
