@@ -27,7 +27,8 @@ TESTENV  := DATABASE_URL=$(TEST_DATABASE_URL) DATABASE_TEST_NAME=$(TEST_DB_NAME)
 # softhsm2: a software PKCS#11 token for the HSM signing-key tests (tests/test_signing_hsm.py);
 # nginx: `nginx -t` checks the shipped configuration (tests/test_deploy_config.py);
 # chromium: the console's browser test (tests/test_console_browser.py, through Playwright).
-DEBIAN_PACKAGES := libubootenv-tool softhsm2 nginx chromium
+# swupdate: the real hawkBit DDI client (suricatta) in tests/ddi/ (docs/ddi.md).
+DEBIAN_PACKAGES := libubootenv-tool softhsm2 nginx chromium swupdate
 
 .PHONY: install debian-packages demo serve serve-demo test screenshots bench lint format clean
 
@@ -83,7 +84,7 @@ serve: install
 
 test: install debian-packages
 	$(EMBEDDED) OTA_VAR_DIR=$(CURDIR)/var/test $(PY) manage.py makemigrations --check --dry-run
-	$(TESTENV) $(PY) -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
+	$(TESTENV) $(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 # The console's pictures in docs/screenshots/ (shown by README.md and docs/console.md): the browser
 # test takes them from a real run of the servers when OTA_SCREENSHOTS=1.

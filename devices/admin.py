@@ -1,5 +1,5 @@
-"""Admin for devices, device groups, enrollment tokens and device certificates; every change goes
-through services.py."""
+"""Admin for devices (with their hawkBit DDI state), device groups, enrollment tokens and device
+certificates; every change goes through services.py or ddi.py."""
 
 from __future__ import annotations
 
@@ -17,8 +17,15 @@ from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.http import urlencode
 
-from devices import certificates, services
-from devices.models import Device, DeviceCA, DeviceCertificate, DeviceGroup, EnrollmentToken
+from devices import certificates, ddi, services
+from devices.models import (
+    DdiTarget,
+    Device,
+    DeviceCA,
+    DeviceCertificate,
+    DeviceGroup,
+    EnrollmentToken,
+)
 from ota_site.admin import ServiceModelAdmin, adopt, events_table, uuid_or_none
 from ota_site.errors import ServiceError
 from ota_site.models import Event
@@ -162,9 +169,41 @@ class OnlineFilter(admin.SimpleListFilter):
         return queryset
 
 
+class DdiTargetInline(admin.TabularInline):
+    """A device's hawkBit DDI state, view only: tokens are issued by the action "Create or replace
+    DDI target token" (ddi.issue_target_token) and the hash is never shown."""
+
+    model = DdiTarget
+    verbose_name = verbose_name_plural = "hawkBit DDI"
+    fields = (
+        "token_prefix",
+        "token_created_at",
+        "attributes_requested",
+        "attributes_updated_at",
+        "created_at",
+    )
+    readonly_fields = fields
+    can_delete = False
+    extra = 0
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+# Each token of the DDI action is shown once in a message (kept in the session until shown).
+MAX_TARGET_TOKENS_PER_ACTION = 20
+
+
 @admin.register(Device)
 class DeviceAdmin(ServiceModelAdmin):
     form = DeviceForm
+    inlines = (DdiTargetInline,)
     list_display = (
         "hardware_id",
         "device_type",
@@ -180,7 +219,7 @@ class DeviceAdmin(ServiceModelAdmin):
     search_fields = ("hardware_id",)
     search_help_text = "Part of a hardware id, or a device id."
     ordering = ("hardware_id",)
-    actions = ("reset_credentials", "retry_update", "revoke_devices")
+    actions = ("reset_credentials", "retry_update", "revoke_devices", "issue_target_tokens")
     fieldsets = (
         (
             None,
@@ -220,6 +259,13 @@ class DeviceAdmin(ServiceModelAdmin):
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # devices enroll themselves with an enrollment token
+
+    def get_inline_instances(self, request: HttpRequest, obj: Any = None) -> list[Any]:
+        # The inline is view only: a saved device form has nothing in it to save, so its
+        # management form is not asked for (a script may post the device's fields alone).
+        if request.method == "POST":
+            return []
+        return super().get_inline_instances(request, obj)
 
     @admin.display(description="Online", boolean=True, ordering="last_seen")
     def online(self, device: Device) -> bool:
@@ -335,6 +381,37 @@ class DeviceAdmin(ServiceModelAdmin):
             f"Revoked {count} device(s): their tokens and certificates no longer work.",
             messages.SUCCESS,
         )
+
+    @admin.action(description="Create or replace DDI target token", permissions=["operate"])
+    def issue_target_tokens(self, request: HttpRequest, queryset: QuerySet[Device]) -> None:
+        """A new target token for each device (the old one stops working), each shown once."""
+        if queryset.count() > MAX_TARGET_TOKENS_PER_ACTION:
+            self.message_user(
+                request,
+                f"Select at most {MAX_TARGET_TOKENS_PER_ACTION} devices: each new token is shown "
+                "once, in a message.",
+                messages.ERROR,
+            )
+            return
+        for device in queryset.order_by("hardware_id"):
+            try:
+                token = ddi.issue_target_token(device, actor=request.user)
+            except ServiceError as exc:
+                self.message_user(request, f"{device}: {exc.detail}", messages.ERROR)
+                continue
+            self.message_user(
+                request,
+                format_html(
+                    "Target token of <strong>{}</strong> (tenant <code>{}</code>, controller id "
+                    "<code>{}</code>): <code>{}</code> — copy it now: it is stored only as a hash "
+                    "and cannot be shown again; any earlier token no longer works.",
+                    device.hardware_id,
+                    settings.DDI_TENANT,
+                    device.hardware_id,
+                    token,
+                ),
+                messages.SUCCESS,
+            )
 
     @admin.action(description="Reset credentials (allow re-enrollment)", permissions=["operate"])
     def reset_credentials(self, request: HttpRequest, queryset: QuerySet[Device]) -> None:

@@ -222,3 +222,31 @@ class DeviceCertificate(models.Model):
         if self.not_before > now:
             return "not yet valid"
         return "valid"
+
+
+class DdiTarget(models.Model):
+    """A device that speaks hawkBit's DDI protocol (SWUpdate, rauc-hawkbit-updater, Zephyr).
+
+    ``token_hash`` is the sha256 of its target token (``Authorization: TargetToken ...``), shown
+    once when created; empty when the device authenticates with the gateway token or its client
+    certificate only. ``attributes_requested`` asks the device, on its next poll, to send its
+    attributes (configData), which land in ``Device.metadata``.
+    """
+
+    device = models.OneToOneField(
+        Device, primary_key=True, on_delete=models.CASCADE, related_name="ddi"
+    )
+    token_hash = models.CharField(max_length=64, blank=True, editable=False)
+    token_prefix = models.CharField(
+        max_length=12, blank=True, editable=False, help_text="The token's first characters."
+    )
+    token_created_at = models.DateTimeField(null=True, blank=True, editable=False)
+    attributes_requested = models.BooleanField(default=True)
+    attributes_updated_at = models.DateTimeField(null=True, blank=True, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        verbose_name = "DDI target"
+
+    def __str__(self) -> str:
+        return f"DDI {self.device_id}"

@@ -160,7 +160,8 @@ def register_device(
                     "enroll again.",
                     code="device_revoked",
                 )
-            if existing.secret_hash:
+            if existing.secret_hash or hasattr(existing, "ddi"):
+                # A hawkBit DDI device has no secret but is no less enrolled (devices.ddi).
                 raise StateConflict(
                     "A device with this hardware_id is already enrolled. An operator can reset "
                     "its credentials to let it enroll again.",

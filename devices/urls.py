@@ -16,4 +16,17 @@ urlpatterns: list[URLPattern] = [
     path("<uuid:device_id>/edit/", views.EditView.as_view(), name="edit"),
     path("<uuid:device_id>/revoke/", views.RevokeView.as_view(), name="revoke"),
     path("<uuid:device_id>/delete/", views.DeleteView.as_view(), name="delete"),
+    # hawkBit DDI devices and their target tokens
+    path("ddi/", views.AddDdiDeviceView.as_view(), name="ddi-add"),
+    path("<uuid:device_id>/ddi/token/", views.TargetTokenView.as_view(), name="ddi-token"),
+    path(
+        "<uuid:device_id>/ddi/token/revoke/",
+        views.RevokeTargetTokenView.as_view(),
+        name="ddi-token-revoke",
+    ),
+    path(
+        "<uuid:device_id>/ddi/attributes/",
+        views.RequestAttributesView.as_view(),
+        name="ddi-attributes",
+    ),
 ]

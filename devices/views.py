@@ -4,6 +4,10 @@ The device page itself (/devices/<id>/) is rendered by metrics.views.device_deta
 shows the device's update sessions, which live in rollouts (above devices: devices must not import
 it). Its URL falls through from devices.urls to metrics.urls, so the console still reads as one
 /devices/ section. The actions below only need devices.services and stay here.
+
+hawkBit DDI devices (devices/ddi.py) are added and given target tokens here too. A new token is
+shown once, on the page that answers the POST itself (never a redirect, a message or the session:
+the token is not stored anywhere in clear), marked no-store.
 """
 
 from __future__ import annotations
@@ -21,16 +25,22 @@ from django.core.exceptions import ValidationError
 from django.db.models import F, Q, QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
-from django.urls import reverse
+from django.urls import get_script_prefix, reverse
 from django.utils import timezone
+from django.utils.cache import add_never_cache_headers
 
-from devices import certificates, services
+from devices import certificates, ddi, services
 from devices.models import Device, DeviceGroup, DeviceStatus
 from ota_site import cache
 from ota_site.console import ConsoleView
 from ota_site.errors import ServiceError
 from ota_site.permissions import Role
-from ota_site.validators import validate_metadata, validate_version
+from ota_site.validators import (
+    device_type_validator,
+    hardware_id_validator,
+    validate_metadata,
+    validate_version,
+)
 
 PAGE_SIZE = 50
 # The list shows "10 000+ devices" past this: an exact COUNT over a large filtered fleet costs a
@@ -305,3 +315,101 @@ class DeleteView(DeviceActionView):
         services.delete_device(device, actor=request.user)
         messages.success(request, f"{name} was deleted; its history stays in the event log.")
         return HttpResponseRedirect(reverse("devices:list"))
+
+
+# --- hawkBit DDI devices and their target tokens (devices/ddi.py) ------------------------------
+
+
+def target_token_page(
+    view: ConsoleView, request: HttpRequest, device: Device, token: str, *, created: bool
+) -> HttpResponse:
+    """The one page that ever shows this token, with what the device's client needs."""
+    server_url = request.build_absolute_uri(get_script_prefix()).rstrip("/")
+    tenant = settings.DDI_TENANT
+    response = view.render(
+        request,
+        "devices/ddi_token.html",
+        {
+            "device": device,
+            "created": created,
+            "token": token,
+            "tenant": tenant,
+            "controller_id": device.hardware_id,
+            "server_url": server_url,
+            "swupdate_command": (
+                f'swupdate -u "-t {tenant} -i {device.hardware_id} -u {server_url} -k {token}"'
+            ),
+        },
+    )
+    add_never_cache_headers(response)  # no-store: no cache or back button keeps the token
+    return response
+
+
+class DdiDeviceForm(forms.Form):
+    controller_id = forms.CharField(max_length=128, validators=[hardware_id_validator])
+    device_type = forms.CharField(max_length=64, validators=[device_type_validator])
+    current_version = forms.CharField(required=False, max_length=64, validators=[validate_version])
+    group = forms.CharField(required=False, max_length=36)
+
+    def clean_group(self) -> DeviceGroup | None:
+        value: str = self.cleaned_data["group"]
+        if not value:
+            return None
+        try:
+            return DeviceGroup.objects.get(pk=value)
+        except (DeviceGroup.DoesNotExist, ValidationError):
+            raise ValidationError("No such group.", code="invalid_group") from None
+
+
+class AddDdiDeviceView(ConsoleView):
+    """POST from the device list: a DDI device with its target token, shown once."""
+
+    http_method_names = ["post"]
+    section = "devices"
+
+    def post(self, request: HttpRequest) -> HttpResponse:
+        form = DdiDeviceForm(request.POST)
+        if not form.is_valid():
+            for field, errors in form.errors.items():
+                for error in errors:
+                    messages.error(request, f"{field.replace('_', ' ').capitalize()}: {error}")
+            return HttpResponseRedirect(reverse("devices:list"))
+        data = form.cleaned_data
+        try:
+            device, token = ddi.provision_device(
+                controller_id=data["controller_id"],
+                device_type=data["device_type"],
+                current_version=data["current_version"],
+                group=data["group"],
+                actor=request.user,
+            )
+        except ServiceError as exc:
+            messages.error(request, exc.detail)
+            return HttpResponseRedirect(reverse("devices:list"))
+        return target_token_page(self, request, device, token, created=True)
+
+
+class TargetTokenView(DeviceActionView):
+    """Create or replace the device's target token; the old one stops working at once."""
+
+    def act(self, request: HttpRequest, device: Device) -> HttpResponse:
+        token = ddi.issue_target_token(device, actor=request.user)
+        return target_token_page(self, request, device, token, created=False)
+
+
+class RevokeTargetTokenView(DeviceActionView):
+    def act(self, request: HttpRequest, device: Device) -> HttpResponse:
+        if ddi.revoke_target_token(device, actor=request.user):
+            messages.success(request, f"The target token of {device.hardware_id} was revoked.")
+        else:
+            messages.info(request, f"{device.hardware_id} had no target token.")
+        return HttpResponseRedirect(device_page(device.id))
+
+
+class RequestAttributesView(DeviceActionView):
+    def act(self, request: HttpRequest, device: Device) -> HttpResponse:
+        ddi.request_attributes(device, actor=request.user)
+        messages.success(
+            request, f"{device.hardware_id} will be asked for its attributes on its next poll."
+        )
+        return HttpResponseRedirect(device_page(device.id))

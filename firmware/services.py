@@ -15,13 +15,13 @@ from django.db.models import ProtectedError
 from django.utils import timezone
 from django.utils.text import get_valid_filename
 
-from firmware import key_chains, signing, tuf_repo
+from firmware import key_chains, signing, swu, tuf_repo
 from firmware.models import Firmware
 from ota_site import cache
 from ota_site.errors import ServiceError, StateConflict
 from ota_site.events import actor_of, created, record_event
 from ota_site.models import EventKind
-from ota_site.versions import Version
+from ota_site.versions import InvalidVersion, Version
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def upload_firmware(
     *,
     file: UploadedFile,
     hashes: dict[str, str],
-    version: str,
+    version: str | None,
     device_type: str,
     release_notes: str = "",
     min_version: str | None = None,
@@ -71,7 +71,15 @@ def upload_firmware(
 
     The bytes are written to storage before the row exists and removed again if the row cannot be
     written, so an interrupted upload leaves neither a half firmware nor an orphan row.
+
+    A SWUpdate image (firmware.swu.looks_like_swu) has its sw-description read: its version is
+    used when ``version`` is None and must equal ``version`` otherwise (400
+    ``swu_version_mismatch``), and its version, hardware compatibility and description are kept
+    in ``metadata["swu"]``. A .swu whose sw-description cannot be read is refused (400
+    ``invalid_swu``). Other images need ``version``.
     """
+    swu_info = swu.read_upload(file)  # reads the first cpio member only, then seeks back
+    version = _upload_version(version, swu_info)
     parsed = Version.parse(version)
     if release_counter is None:
         # Inherit the type's highest counter: a new image never re-admits older ones by accident.
@@ -98,6 +106,7 @@ def upload_firmware(
             "release_notes": release_notes,
             "min_version": min_version or None,
             "dependencies": dependencies or [],
+            **({"swu": swu_info.as_metadata()} if swu_info is not None else {}),
         },
         created_by=actor if isinstance(actor, User) else None,
         release_counter=release_counter,
@@ -132,6 +141,40 @@ def upload_firmware(
         firmware.file.storage.delete(stored)
         raise
     return firmware
+
+
+def _upload_version(version: str | None, swu_info: swu.SwuInfo | None) -> str:
+    """The version to record: the one given, checked against the image's sw-description, or
+    the sw-description's when none was given."""
+    declared = swu_info.version if swu_info is not None else None
+    if not version:
+        if declared is None:
+            detail = "A version is required."
+            if swu_info is not None:
+                detail = "The image's sw-description has no software.version: give a version."
+            raise ServiceError(detail, code="version_required")
+        try:
+            Version.parse(declared)
+        except InvalidVersion as exc:
+            raise swu.InvalidSwu(
+                f"The image's sw-description version {declared[:80]!r} is not a version the "
+                f"server accepts ({exc}); give one.",
+            ) from exc
+        return declared
+    if declared is not None and not _same_version(version, declared):
+        raise ServiceError(
+            f"The version {version!r} differs from the image's sw-description version "
+            f"{declared[:80]!r}.",
+            code="swu_version_mismatch",
+        )
+    return version
+
+
+def _same_version(given: str, declared: str) -> bool:
+    try:
+        return Version.parse(given) == Version.parse(declared)
+    except InvalidVersion:  # a sw-description version we cannot read equals no valid version
+        return False
 
 
 def tuf_root() -> bytes | None:

@@ -392,7 +392,7 @@ class DeviceStream(EventStream):
         return Q(device_id=self.device_id)  # event_device_idx (device_id, id)
 
     def snapshot(self) -> dict[str, Any]:
-        device = Device.objects.select_related("group").filter(pk=self.device_id).first()
+        device = Device.objects.select_related("group", "ddi").filter(pk=self.device_id).first()
         if device is None:
             return {"device": None, "session": None}
         session = (

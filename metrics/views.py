@@ -82,7 +82,8 @@ class DashboardView(ConsoleView):
 
 
 class DeviceDetailView(ConsoleView):
-    """/devices/<id>/: the record, credentials, sessions and events of one device.
+    """/devices/<id>/: the record, credentials, hawkBit DDI state, sessions and events of one
+    device.
 
     Served from metrics (the top layer) because the session history comes from rollouts, which
     devices may not import; the actions it offers post to devices.views."""
@@ -90,7 +91,7 @@ class DeviceDetailView(ConsoleView):
     section = "devices"
 
     def get(self, request: HttpRequest, device_id: Any) -> HttpResponse:
-        device = get_object_or_404(Device.objects.select_related("group"), pk=device_id)
+        device = get_object_or_404(Device.objects.select_related("group", "ddi"), pk=device_id)
         certificates = list(device.certificates.order_by("-created_at")[:10])
         valid_certificates = [c for c in certificates if c.state == "valid"]
         if device.revoked_at is not None:
@@ -105,6 +106,7 @@ class DeviceDetailView(ConsoleView):
             {
                 "device": device,
                 "credentials": credentials,
+                "ddi": getattr(device, "ddi", None),  # its hawkBit DDI state, if it has any
                 "certificates": certificates,
                 "valid_certificates": len(valid_certificates),
                 "sessions": queries.device_sessions(device.id),

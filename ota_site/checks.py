@@ -67,6 +67,7 @@ def check_configuration(app_configs: Any = None, **kwargs: Any) -> list[checks.C
             )
     errors.extend(_check_secrets_at_rest())
     errors.extend(_check_signing_backend())
+    errors.extend(_check_ddi())
     for name in (
         "DEVICE_LAST_SEEN_INTERVAL",
         "DEVICE_POLL_INTERVAL",
@@ -78,6 +79,28 @@ def check_configuration(app_configs: Any = None, **kwargs: Any) -> list[checks.C
     ):
         if getattr(settings, name) <= 0:
             errors.append(checks.Error(f"{name} must be positive.", id="ota.E009"))
+    return errors
+
+
+def _check_ddi() -> list[checks.CheckMessage]:
+    """hawkBit DDI: a usable tenant name; auto-created devices need a type (ota.E050, E051)."""
+    errors: list[checks.CheckMessage] = []
+    tenant = settings.DDI_TENANT
+    if not tenant or "/" in tenant or len(tenant) > 64:
+        errors.append(
+            checks.Error(
+                f"DDI_TENANT={tenant!r} must be a name of 1 to 64 characters without '/'.",
+                id="ota.E050",
+            )
+        )
+    if settings.DDI_AUTO_CREATE and not settings.DDI_DEFAULT_DEVICE_TYPE:
+        errors.append(
+            checks.Error(
+                "DDI_AUTO_CREATE is on but DDI_DEFAULT_DEVICE_TYPE is empty: a device created on "
+                "its first DDI poll needs a device type.",
+                id="ota.E051",
+            )
+        )
     return errors
 
 

@@ -109,12 +109,12 @@ def json_error(status_code: int, code: str, detail: str) -> JsonResponse:
 
 def not_found(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
     """JSON under /api/ (and for devices, wherever they ask); Django's page elsewhere."""
-    if request.path.startswith("/api/"):
+    if request.path.startswith("/api/") or "/controller/v1/" in request.path:
         return json_error(404, "not_found", "Not found.")
     return defaults.page_not_found(request, exception or Http404())
 
 
 def server_error(request: HttpRequest) -> HttpResponse:
-    if request.path.startswith("/api/"):
+    if request.path.startswith("/api/") or "/controller/v1/" in request.path:
         return json_error(500, "server_error", "Internal server error.")
     return defaults.server_error(request)

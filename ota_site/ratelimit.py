@@ -2,7 +2,8 @@
 
 Every request under ``/api/`` and ``/tuf/`` counts against two buckets: its client address
 (``ota_site.proxies.client_ip``, so X-Forwarded-For only from ``TRUSTED_PROXIES``) and, when it
-carries a valid device access token, that device. ``RATE_LIMIT_DEVICE`` (default ``10/min``) and
+carries a valid device access token, that device. A hawkBit DDI device's requests
+(``/{tenant}/controller/v1/...``) count by address. ``RATE_LIMIT_DEVICE`` (default ``10/min``) and
 ``RATE_LIMIT_IP`` (``100/min``) set the limits as ``N/sec``, ``N/min`` or ``N/hour``; ``0`` or
 ``off`` turns one off. People (sessions) and API keys carry no device token, so only the address
 limit applies to them.
@@ -48,6 +49,8 @@ logger = logging.getLogger(__name__)
 # Paths that count. Every device-facing route lives under one of these; a new one must be added
 # here (the admin, /health and static files are deliberately not limited).
 LIMITED_PREFIXES = ("/api/", "/tuf/")
+# hawkBit DDI devices (rollouts.ddi) live at /{tenant}/controller/v1/...: their address counts.
+LIMITED_INFIX = "/controller/v1/"
 UNITS = {"sec": 1, "min": 60, "hour": 3600}
 _RATE = re.compile(r"^\s*(\d+)\s*/\s*([a-z]+)\s*$")
 # Redis answers in well under a millisecond on a healthy network; anything slower is an outage,
@@ -367,7 +370,8 @@ class RateLimitMiddleware:
         self.get_response = get_response
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
-        if not request.path_info.startswith(LIMITED_PREFIXES):
+        path = request.path_info
+        if not path.startswith(LIMITED_PREFIXES) and LIMITED_INFIX not in path:
             return self.get_response(request)
         counts = count(request)
         if any(c.over for c in counts):

@@ -375,6 +375,20 @@ DEVICE_METADATA_MAX_BYTES = _typed("int", "DEVICE_METADATA_MAX_BYTES", 16 * 1024
 DEVICE_CERT_LIFETIME_DAYS = _typed("int", "DEVICE_CERT_LIFETIME_DAYS", 365)
 DEVICE_CA_LIFETIME_DAYS = _typed("int", "DEVICE_CA_LIFETIME_DAYS", 3650)  # `device_ca init` default
 
+# --- hawkBit DDI (rollouts.ddi): SWUpdate, rauc-hawkbit-updater, Zephyr ------------------------
+# Devices reach {base}/{DDI_TENANT}/controller/v1/{controllerId}; the tenant is case-insensitive.
+DDI_TENANT = env.str("DDI_TENANT", default="DEFAULT")
+# A tenant-wide token (Authorization: GatewayToken ...); empty: gateway tokens are refused.
+DDI_GATEWAY_TOKEN = _secret("DDI_GATEWAY_TOKEN") or ""
+# Create a device unknown to the server on its first poll authenticated by the gateway token or a
+# device certificate, as a device of DDI_DEFAULT_DEVICE_TYPE. Off: unknown devices get 404.
+DDI_AUTO_CREATE = _typed("bool", "DDI_AUTO_CREATE", False)
+DDI_DEFAULT_DEVICE_TYPE = env.str("DDI_DEFAULT_DEVICE_TYPE", default="")
+# The "part" of an action's chunk (hawkBit's software module type). SWUpdate and RAUC ignore it;
+# Zephyr's client accepts only "bApp": DDI_CHUNK_PARTS=zephyr-board=bApp sets it per device type.
+DDI_CHUNK_PART = env.str("DDI_CHUNK_PART", default="os")
+DDI_CHUNK_PARTS: dict[str, str] = env.dict("DDI_CHUNK_PARTS", default={})
+
 # --- Rollouts --------------------------------------------------------------------------------
 ROLLOUT_EVALUATION_INTERVAL = _typed("float", "ROLLOUT_EVALUATION_INTERVAL", 5.0)  # seconds
 ROLLOUT_CACHE_TIMEOUT = _typed("int", "ROLLOUT_CACHE_TIMEOUT", 10)  # live rollouts seen by polls

@@ -37,6 +37,18 @@ api_v1 = [
         name="device-certificate",
     ),
     path("devices/<uuid:device_id>/revoke", devices.RevokeView.as_view(), name="device-revoke"),
+    # hawkBit DDI devices and their target tokens (the protocol itself is at /{tenant}/...)
+    path("devices/ddi", devices.DdiDeviceCreateView.as_view(), name="device-ddi-create"),
+    path(
+        "devices/<uuid:device_id>/target-token",
+        devices.TargetTokenView.as_view(),
+        name="device-target-token",
+    ),
+    path(
+        "devices/<uuid:device_id>/ddi-attributes",
+        devices.DdiAttributesView.as_view(),
+        name="device-ddi-attributes",
+    ),
     # The update flow
     path(
         "devices/<uuid:device_id>/updates",
@@ -138,6 +150,8 @@ urlpatterns = [
     path("devices/", include("devices.urls")),
     path("firmware/", include("firmware.urls")),
     path("rollouts/", include("rollouts.urls")),
+    # hawkBit DDI devices: /{tenant}/controller/v1/{controllerId}/... (docs/ddi.md).
+    path("", include("rollouts.ddi.urls")),
     path("", include("metrics.urls")),
 ]
 

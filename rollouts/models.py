@@ -172,6 +172,9 @@ class UpdateSession(models.Model):
     updated_at = models.DateTimeField(auto_now=True)
     completed_at = models.DateTimeField(null=True, blank=True)
     duration = models.PositiveIntegerField(null=True, blank=True, help_text="Seconds.")
+    # hawkBit DDI devices confirm a cancellation (cancelAction feedback); until then their poll
+    # carries the cancel instead of a new action.
+    cancel_acknowledged_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-started_at", "-id"]

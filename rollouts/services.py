@@ -128,7 +128,11 @@ def validate_session(
         return ReportResult(session, applied=True)
 
 
-def cancel_session(session_id: int, *, reason: str, actor: Any = None) -> bool:
+def cancel_session(
+    session_id: int, *, reason: str, actor: Any = None, by_device: bool = False
+) -> bool:
+    """Cancel an open session. ``by_device``: the device itself gave up or declined it (a DDI
+    device's "canceled" or "rejected"), so there is no cancellation for it to confirm."""
     with transaction.atomic():
         session = UpdateSession.objects.select_for_update().filter(pk=session_id).first()
         if session is None or session.status in FINISHED_STATUSES:
@@ -138,14 +142,37 @@ def cancel_session(session_id: int, *, reason: str, actor: Any = None) -> bool:
         session.error_message = reason
         session.completed_at = now
         session.duration = max(int((now - session.started_at).total_seconds()), 0)
-        session.save(
-            update_fields=["status", "error_message", "completed_at", "duration", "updated_at"]
-        )
+        fields = ["status", "error_message", "completed_at", "duration", "updated_at"]
+        if by_device:
+            session.cancel_acknowledged_at = now
+            fields.append("cancel_acknowledged_at")
+        session.save(update_fields=fields)
         device_services.set_status(session.device_id, DeviceStatus.IDLE)
         _session_event(
             session, EventKind.SESSION_CANCELLED, actor=actor_of(actor), extra={"reason": reason}
         )
     return True
+
+
+def acknowledge_cancel(session: UpdateSession, *, refused: bool = False, detail: str = "") -> bool:
+    """A DDI device confirmed a cancelled session (or said it could not stop it any more)."""
+    with transaction.atomic():
+        updated = UpdateSession.objects.filter(
+            pk=session.pk, status=SessionStatus.CANCELLED, cancel_acknowledged_at__isnull=True
+        ).update(cancel_acknowledged_at=timezone.now())
+        if updated:
+            _session_event(
+                session,
+                EventKind.SESSION_CANCEL_ACKNOWLEDGED,
+                extra={"refused": refused, "detail": detail[:1000]},
+            )
+    return bool(updated)
+
+
+def note_installed_anyway(session: UpdateSession) -> None:
+    """A device finished installing a session that had ended (cancelled while it installed):
+    the session stays as it ended, but the device does run that firmware now."""
+    _note_running_version(session.device_id, session.firmware.version)
 
 
 def _note_running_version(device_id: Any, version: str) -> None:

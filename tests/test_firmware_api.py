@@ -21,7 +21,7 @@ from tests.factories import FirmwareFactory, firmware_bytes
 
 def upload(client: APIClient, content: bytes = b"x" * 5000, **fields: object):
     data = {"version": "3.0.0", "device_type": "board-a", **fields}
-    data["file"] = SimpleUploadedFile("image.swu", content)
+    data["file"] = SimpleUploadedFile("image.bin", content)
     return client.post("/api/v1/firmware", data, format="multipart")
 
 
@@ -107,7 +107,7 @@ def test_upload_over_the_limit_is_413_and_stores_nothing(
     reply = upload(operator_api, b"y" * 100_001)
     assert reply.status_code == 413 and reply.json()["code"] == "file_too_large"
     assert not Firmware.objects.exists()
-    assert not list((tmp_path / "media").rglob("*.swu"))
+    assert not list((tmp_path / "media").rglob("*.bin"))
     assert upload(operator_api, b"y" * 100_000).status_code == 201
 
 

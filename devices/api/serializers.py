@@ -5,7 +5,7 @@ from typing import Any
 from rest_framework import serializers
 
 from devices.ca import MAX_CSR_CHARS
-from devices.models import Device, DeviceCertificate, DeviceGroup
+from devices.models import DdiTarget, Device, DeviceCertificate, DeviceGroup
 from ota_site.validators import (
     device_type_validator,
     hardware_id_validator,
@@ -104,10 +104,37 @@ class HeartbeatReplySerializer(serializers.Serializer):
     server_time = serializers.DateTimeField()
 
 
+class DdiSummarySerializer(serializers.ModelSerializer):
+    """A device's hawkBit DDI state; never the token itself (only its hash is stored)."""
+
+    token_prefix = serializers.SerializerMethodField(
+        help_text="The target token's first characters; null when it has none."
+    )
+
+    class Meta:
+        model = DdiTarget
+        fields = [
+            "token_prefix",
+            "token_created_at",
+            "attributes_requested",
+            "attributes_updated_at",
+        ]
+        read_only_fields = fields
+
+    def get_token_prefix(self, target: DdiTarget) -> str | None:
+        return target.token_prefix or None
+
+
 class DeviceSerializer(serializers.ModelSerializer):
     online = serializers.BooleanField(source="is_online", read_only=True)
     group: serializers.PrimaryKeyRelatedField[DeviceGroup] = serializers.PrimaryKeyRelatedField(
         read_only=True
+    )
+    # Querysets that list devices select_related("ddi"), or this costs a query per row.
+    ddi = DdiSummarySerializer(
+        read_only=True,
+        allow_null=True,
+        help_text="hawkBit DDI state (target token, attributes); null for other devices.",
     )
 
     class Meta:
@@ -124,6 +151,7 @@ class DeviceSerializer(serializers.ModelSerializer):
             "group",
             "metadata",
             "revoked_at",
+            "ddi",
             "created_at",
             "updated_at",
         ]
@@ -169,3 +197,38 @@ class DeviceGroupSerializer(serializers.ModelSerializer):
             "updated_at",
         ]
         read_only_fields = ["id", "device_count", "created_at", "updated_at"]
+
+
+# --- hawkBit DDI devices (devices/ddi.py) -------------------------------------------------------
+
+
+class DdiDeviceCreateSerializer(serializers.Serializer):
+    """A DDI device made by an operator; its controllerId is its hardware_id."""
+
+    controller_id = serializers.CharField(
+        max_length=128,
+        validators=[hardware_id_validator],
+        help_text="The client's controllerId; becomes the device's hardware_id.",
+    )
+    device_type = serializers.CharField(max_length=64, validators=[device_type_validator])
+    current_version = serializers.CharField(
+        max_length=64, required=False, allow_blank=True, validators=[validate_version]
+    )
+    group: serializers.PrimaryKeyRelatedField[DeviceGroup] = serializers.PrimaryKeyRelatedField(
+        queryset=DeviceGroup.objects.all(), required=False, allow_null=True
+    )
+    metadata = serializers.JSONField(required=False, validators=[validate_metadata])
+
+
+class DdiDeviceCreatedSerializer(serializers.Serializer):
+    device = DeviceSerializer()
+    target_token = serializers.CharField(help_text="Shown once; configure it on the device.")
+    tenant = serializers.CharField()
+    controller_id = serializers.CharField()
+
+
+class TargetTokenSerializer(serializers.Serializer):
+    target_token = serializers.CharField(help_text="Shown once; configure it on the device.")
+    token_prefix = serializers.CharField()
+    controller_id = serializers.CharField()
+    tenant = serializers.CharField()

@@ -1,5 +1,5 @@
 """Device API: enrollment, tokens and heartbeat for devices; list, detail, change, delete for
-operators."""
+operators, who also provision hawkBit DDI devices and their target tokens (devices/ddi.py)."""
 
 from __future__ import annotations
 
@@ -16,10 +16,12 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from devices import certificates, services
+from devices import certificates, ddi, services
 from devices.api.filters import DeviceFilter
 from devices.api.serializers import (
     CertificateSerializer,
+    DdiDeviceCreatedSerializer,
+    DdiDeviceCreateSerializer,
     DeviceGroupSerializer,
     DeviceSerializer,
     DeviceUpdateSerializer,
@@ -31,11 +33,13 @@ from devices.api.serializers import (
     RegisterSerializer,
     RenewSerializer,
     RevokeSerializer,
+    TargetTokenSerializer,
     TokenRequestSerializer,
     TokenSerializer,
 )
 from devices.models import Device, DeviceGroup
 from ota_site.auth import DEVICE_OR_OPERATOR_AUTH, DeviceIdentity, DeviceJWTAuthentication
+from ota_site.errors import ServiceError
 from ota_site.permissions import (
     IsAdmin,
     IsDevice,
@@ -146,14 +150,14 @@ class DeviceListView(generics.ListAPIView):
     permission_classes = [RoleByMethod]
     serializer_class = DeviceSerializer
     filterset_class = DeviceFilter
-    queryset = Device.objects.all()
+    queryset = Device.objects.select_related("ddi")  # DeviceSerializer.ddi, without a query a row
 
 
 class DeviceDetailView(generics.RetrieveUpdateDestroyAPIView):
     """GET for the device itself or a viewer; PUT and PATCH for operators; DELETE for admins."""
 
     authentication_classes = DEVICE_OR_OPERATOR_AUTH
-    queryset = Device.objects.all()
+    queryset = Device.objects.select_related("ddi")
     serializer_class = DeviceSerializer
     lookup_url_kwarg = "device_id"
 
@@ -215,7 +219,7 @@ class RetryView(APIView):
 
     @extend_schema(request=None, responses={200: DeviceSerializer})
     def post(self, request: Request, device_id: Any) -> Response:
-        device = get_object_or_404(Device.objects.select_related("group"), pk=device_id)
+        device = get_object_or_404(Device.objects.select_related("group", "ddi"), pk=device_id)
         services.retry_update(device, actor=request.user)
         return Response(DeviceSerializer(device).data)
 
@@ -281,3 +285,76 @@ class RevokeView(APIView):
             device, actor=request.user, reason=serializer.validated_data.get("reason", "")
         )
         return Response(DeviceSerializer(device).data)
+
+
+# --- hawkBit DDI devices: provisioned by operators, who see each target token once --------------
+
+
+class DdiDeviceCreateView(APIView):
+    """POST /devices/ddi: a new DDI device (controllerId = hardware_id) with its target token."""
+
+    permission_classes = [IsOperator]
+
+    @extend_schema(request=DdiDeviceCreateSerializer, responses={201: DdiDeviceCreatedSerializer})
+    def post(self, request: Request) -> Response:
+        serializer = DdiDeviceCreateSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+        device, token = ddi.provision_device(
+            controller_id=data["controller_id"],
+            device_type=data["device_type"],
+            current_version=data.get("current_version", ""),
+            group=data.get("group"),
+            metadata=data.get("metadata"),
+            actor=request.user,
+        )
+        device = Device.objects.select_related("ddi").get(pk=device.pk)
+        body = {
+            "device": device,
+            "target_token": token,
+            "tenant": settings.DDI_TENANT,
+            "controller_id": device.hardware_id,
+        }
+        return Response(DdiDeviceCreatedSerializer(body).data, status=status.HTTP_201_CREATED)
+
+
+class TargetTokenView(APIView):
+    """POST /devices/{id}/target-token issues a new one (the old one stops working); DELETE
+    revokes it (the device can still authenticate with the gateway token or its certificate)."""
+
+    permission_classes = [IsOperator]
+
+    @extend_schema(request=None, responses={201: TargetTokenSerializer})
+    def post(self, request: Request, device_id: Any) -> Response:
+        device = get_object_or_404(Device, pk=device_id)
+        token = ddi.issue_target_token(device, actor=request.user)
+        body = {
+            "target_token": token,
+            "token_prefix": token[:8],
+            "controller_id": device.hardware_id,
+            "tenant": settings.DDI_TENANT,
+        }
+        return Response(TargetTokenSerializer(body).data, status=status.HTTP_201_CREATED)
+
+    @extend_schema(request=None, responses={204: None})
+    def delete(self, request: Request, device_id: Any) -> Response:
+        device = get_object_or_404(Device, pk=device_id)
+        if not ddi.revoke_target_token(device, actor=request.user):
+            raise ServiceError(
+                "This device has no target token.", code="no_target_token", status_code=404
+            )
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class DdiAttributesView(APIView):
+    """POST /devices/{id}/ddi-attributes: ask the device to send its attributes (configData) on
+    its next poll; they land in its metadata."""
+
+    permission_classes = [IsOperator]
+
+    @extend_schema(request=None, responses={202: DeviceSerializer})
+    def post(self, request: Request, device_id: Any) -> Response:
+        device = get_object_or_404(Device, pk=device_id)
+        ddi.request_attributes(device, actor=request.user)
+        device = Device.objects.select_related("ddi").get(pk=device.pk)
+        return Response(DeviceSerializer(device).data, status=status.HTTP_202_ACCEPTED)

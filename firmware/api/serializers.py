@@ -3,11 +3,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from django.core.files.uploadedfile import UploadedFile
 from django.core.validators import RegexValidator
 from django.urls import reverse
 from rest_framework import serializers
+from rest_framework.exceptions import ErrorDetail
 
 from firmware.models import Firmware, SigningKey
+from firmware.swu import looks_like_swu
 from ota_site.validators import device_type_validator, validate_version
 
 dependency_validator = RegexValidator(
@@ -36,7 +39,14 @@ class DependenciesField(serializers.ListField):
 
 class FirmwareUploadSerializer(serializers.Serializer):
     file = serializers.FileField(allow_empty_file=False, use_url=False)
-    version = serializers.CharField(max_length=64, validators=[validate_version])
+    version = serializers.CharField(
+        max_length=64,
+        validators=[validate_version],
+        required=False,
+        allow_blank=True,
+        help_text="Required, except for a SWUpdate image (.swu): then it defaults to the "
+        "version in its sw-description and must equal it when given.",
+    )
     device_type = serializers.CharField(max_length=64, validators=[device_type_validator])
     release_notes = serializers.CharField(
         max_length=20_000, required=False, allow_blank=True, default=""
@@ -53,6 +63,31 @@ class FirmwareUploadSerializer(serializers.Serializer):
         "Default: the highest counter of this device type.",
     )
 
+    def to_internal_value(self, data: Any) -> Any:
+        """The fields, with ``version`` required (the same errors as a required field) unless
+        the file is a .swu; then a blank or missing version comes out as None."""
+        errors: dict[str, Any] = {}
+        values: Any = None
+        try:
+            values = super().to_internal_value(data)
+        except serializers.ValidationError as exc:
+            errors = dict(exc.detail) if isinstance(exc.detail, dict) else {}
+            if not errors:
+                raise
+        raw = data.get("version") if hasattr(data, "get") else None
+        if "version" not in errors and not str(raw or "").strip():
+            upload = data.get("file") if hasattr(data, "get") else None
+            if isinstance(upload, UploadedFile) and looks_like_swu(upload):
+                if values is not None:
+                    values["version"] = None
+            else:
+                key = "required" if raw is None else "blank"
+                message = self.fields["version"].error_messages[key]
+                errors["version"] = [ErrorDetail(str(message), code=key)]
+        if errors:
+            raise serializers.ValidationError(errors)
+        return values
+
 
 class FirmwareSerializer(serializers.ModelSerializer):
     size = serializers.IntegerField(source="file_size")
@@ -63,6 +98,10 @@ class FirmwareSerializer(serializers.ModelSerializer):
     dependencies = serializers.SerializerMethodField()
     key_id = serializers.CharField(allow_null=True)
     download_url = serializers.SerializerMethodField()
+    swu = serializers.SerializerMethodField(
+        help_text="For a SWUpdate image: version, hardware_compatibility and description from "
+        "its sw-description; null otherwise."
+    )
 
     class Meta:
         model = Firmware
@@ -86,6 +125,7 @@ class FirmwareSerializer(serializers.ModelSerializer):
             "signature",
             "key_id",
             "download_url",
+            "swu",
         ]
         read_only_fields = fields
 
@@ -95,6 +135,10 @@ class FirmwareSerializer(serializers.ModelSerializer):
     def get_dependencies(self, obj: Firmware) -> list[str]:
         value = obj.metadata.get("dependencies") or []
         return [str(item) for item in value]
+
+    def get_swu(self, obj: Firmware) -> dict[str, Any] | None:
+        value = obj.metadata.get("swu")
+        return value if isinstance(value, dict) else None
 
     def get_download_url(self, obj: Firmware) -> str:
         path = reverse("firmware-download", kwargs={"firmware_id": obj.id})

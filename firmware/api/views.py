@@ -85,7 +85,7 @@ class FirmwareListView(generics.ListCreateAPIView):
         firmware = services.upload_firmware(
             file=upload,
             hashes=hashes,
-            version=values["version"],
+            version=values.get("version") or None,  # None: a .swu's own version
             device_type=values["device_type"],
             release_notes=values.get("release_notes", ""),
             min_version=values.get("min_version") or None,

@@ -107,6 +107,7 @@ class SessionSerializer(serializers.ModelSerializer):
             "updated_at",
             "completed_at",
             "duration",
+            "cancel_acknowledged_at",
         ]
         read_only_fields = fields
 

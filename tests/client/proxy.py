@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -45,7 +46,8 @@ class Fault:
     """What to do to the body of the next firmware download that reaches the proxy."""
 
     # "cut": close the connection after `at` bytes; "corrupt": flip the byte at `at`;
-    # "ignore-range": drop Range and If-Range, as a cache that cannot do ranges would.
+    # "ignore-range": drop Range and If-Range, as a cache that cannot do ranges would;
+    # "slow": send at most `at` bytes a second, so a test can act during the download.
     kind: str
     at: int = 0
 
@@ -58,10 +60,13 @@ class Proxy:
     download_faults: list[Fault] = field(default_factory=list)
     # Rewrites the JSON of update-check answers (to forge offers).
     tamper_check: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    # Which paths are firmware downloads (faults apply to them): our API's by default; the
+    # hawkBit DDI tests pass their artifact paths.
+    is_download: Callable[[str], bool] = lambda path: path.endswith("/download")
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def downloads(self) -> list[Seen]:
-        return [s for s in self.seen if s.method == "GET" and s.path.endswith("/download")]
+        return [s for s in self.seen if s.method == "GET" and self.is_download(s.path)]
 
     def reports(self) -> list[Any]:
         return [
@@ -89,11 +94,14 @@ def _handler(proxy: Proxy) -> type[BaseHTTPRequestHandler]:
         def do_POST(self) -> None:
             self.forward()
 
+        def do_PUT(self) -> None:
+            self.forward()
+
         def forward(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else None
             headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
-            is_download = self.command == "GET" and self.path.endswith("/download")
+            is_download = self.command == "GET" and proxy.is_download(self.path.split("?")[0])
             fault = proxy.next_fault() if is_download else None
             if fault is not None and fault.kind == "ignore-range":
                 headers = {
@@ -159,7 +167,13 @@ def _handler(proxy: Proxy) -> type[BaseHTTPRequestHandler]:
                 ):
                     index = fault.at - sent
                     chunk = chunk[:index] + bytes([chunk[index] ^ 0xFF]) + chunk[index + 1 :]
-                self.wfile.write(chunk)
+                if fault is not None and fault.kind == "slow":
+                    for start in range(0, len(chunk), 16 * 1024):
+                        self.wfile.write(chunk[start : start + 16 * 1024])
+                        self.wfile.flush()
+                        time.sleep(16 * 1024 / fault.at)
+                else:
+                    self.wfile.write(chunk)
                 sent += len(chunk)
             upstream.close()
 
@@ -167,8 +181,12 @@ def _handler(proxy: Proxy) -> type[BaseHTTPRequestHandler]:
 
 
 @contextmanager
-def running_proxy(upstream: str) -> Iterator[Proxy]:
+def running_proxy(
+    upstream: str, is_download: Callable[[str], bool] | None = None
+) -> Iterator[Proxy]:
     proxy = Proxy(upstream=upstream)
+    if is_download is not None:
+        proxy.is_download = is_download
     server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(proxy))
     server.daemon_threads = True
     proxy.url = f"http://127.0.0.1:{server.server_address[1]}"

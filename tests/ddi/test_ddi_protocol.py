@@ -1,0 +1,734 @@
+"""The hawkBit DDI adapter as clients see it: poll, actions, cancellation, attributes, auth, files.
+
+Every reply shape is checked against what SWUpdate and rauc-hawkbit-updater need
+(/work/shared/PROTOCOLS.md, docs/ddi.md), with Django's test client on the real database. A DDI
+device takes part in rollouts like a native one, so the rollback and cancel paths are driven end
+to end here. Feedback parsing and the status mapping are in test_ddi_feedback.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import pytest
+from django.http import HttpResponseBase
+from django.test import Client, RequestFactory
+from django.urls import resolve
+
+from devices import certificates, ddi
+from devices import services as device_services
+from devices.models import DdiTarget, Device, DeviceCA
+from firmware import services as firmware_services
+from firmware.models import Firmware
+from ota_site.errors import StateConflict
+from rollouts import lifecycle
+from rollouts.models import Rollout, RolloutStatus, SessionStatus, UpdateSession
+from tests.conftest import content_of
+from tests.factories import DeviceFactory, firmware_bytes
+from tests.rollouts_support import evaluate, run_device, started
+from tests.test_device_certificates import make_csr
+
+TENANT = "DEFAULT"
+PROXY = "10.1.2.3"
+
+
+# --- Helpers (test_ddi_feedback.py uses them too) -----------------------------------------------
+
+
+@dataclass
+class Target:
+    """A DDI device as its client sees the server: its controllerId, token and HTTP client."""
+
+    device: Device
+    token: str
+    client: Client
+
+    @property
+    def base(self) -> str:
+        return f"/{TENANT}/controller/v1/{self.device.hardware_id}"
+
+    def get(self, path: str = "", **extra: Any) -> Any:
+        return self.client.get(self.base + path, **extra)
+
+    def send(self, method: str, path: str, body: Any, **extra: Any) -> Any:
+        data = body if isinstance(body, str | bytes) else json.dumps(body)
+        call = getattr(self.client, method)
+        return call(self.base + path, data, content_type="application/json", **extra)
+
+    def poll(self) -> dict[str, Any]:
+        reply = self.client.get(self.base)
+        assert reply.status_code == 200, reply.content
+        body: dict[str, Any] = reply.json()
+        return body
+
+    def links(self) -> dict[str, Any]:
+        links: dict[str, Any] = self.poll().get("_links", {})
+        return links
+
+    def offered(self) -> int:
+        """Poll; the action id of the deploymentBase link (which must be there)."""
+        links = self.links()
+        assert "deploymentBase" in links, links
+        return action_of(links["deploymentBase"]["href"], "deploymentBase")
+
+    def action(self, action_id: int) -> dict[str, Any]:
+        reply = self.get(f"/deploymentBase/{action_id}")
+        assert reply.status_code == 200, reply.content
+        body: dict[str, Any] = reply.json()
+        return body
+
+    def feedback(self, action_id: int, body: Any, *, on: str = "deploymentBase") -> Any:
+        return self.send("post", f"/{on}/{action_id}/feedback", body)
+
+    def refresh(self) -> Device:
+        self.device.refresh_from_db()
+        return self.device
+
+
+def provision(controller_id: str, version: str = "1.0.0", **fields: Any) -> Target:
+    device, token = ddi.provision_device(
+        controller_id=controller_id, device_type="board-a", current_version=version, **fields
+    )
+    return Target(device, token, Client(headers={"authorization": f"TargetToken {token}"}))
+
+
+def action_of(href: str, kind: str) -> int:
+    """The action id in a link; the path is absolute, any query (deploymentBase's ?c=) aside."""
+    parts = urlsplit(href)
+    assert (parts.scheme, parts.netloc) == ("http", "testserver"), href
+    match = re.fullmatch(rf"/{TENANT}/controller/v1/[^/]+/{kind}/(\d+)", parts.path)
+    assert match is not None, href
+    return int(match.group(1))
+
+
+def report(execution: str, finished: str = "none", **status: Any) -> dict[str, Any]:
+    """A feedback body as SWUpdate sends it."""
+    return {
+        "id": "0",
+        "time": "20261127T163911",
+        "status": {"execution": execution, "result": {"finished": finished}, **status},
+    }
+
+
+def session_of(action_id: int) -> UpdateSession:
+    return UpdateSession.objects.select_related("firmware").get(pk=action_id)
+
+
+def assert_refused(reply: Any, status: int, code: str | None = None) -> dict[str, Any]:
+    assert reply.status_code == status, reply.content
+    assert reply["Content-Type"].startswith("application/json"), reply["Content-Type"]
+    body: dict[str, Any] = reply.json()
+    assert set(body) >= {"code", "detail"}, body
+    if code is not None:
+        assert body["code"] == code, body
+    return body
+
+
+def attributes_sent(target: Target) -> None:
+    """The device answers the configData link, as real clients do on their first poll."""
+    assert target.send("put", "/configData", {"data": {"hwRevision": "2"}}).status_code == 200
+
+
+@pytest.fixture
+def target(db: Any) -> Target:
+    return provision("ddi-1")
+
+
+@pytest.fixture
+def rollout(v1: Firmware, v2: Firmware, target: Target) -> Rollout:
+    """1.0.0 → 1.1.0 over every board-a device, judged as soon as one device finished."""
+    return started(v2, 100, min_devices=1)
+
+
+# --- Poll ---------------------------------------------------------------------------------------
+
+
+class TestPoll:
+    def test_sleep_comes_from_the_poll_interval(self, target: Target, settings: Any) -> None:
+        settings.DEVICE_POLL_INTERVAL = 3725
+        reply = target.get()
+        assert reply.status_code == 200
+        assert reply.json()["config"] == {"polling": {"sleep": "01:02:05"}}
+        settings.DEVICE_POLL_INTERVAL = 60
+        assert target.poll()["config"]["polling"]["sleep"] == "00:01:00"
+        # Within what HH:MM:SS can say, and never "sleep 0" (a client would spin).
+        settings.DEVICE_POLL_INTERVAL = 3 * 86400
+        assert target.poll()["config"]["polling"]["sleep"] == "23:59:59"
+        settings.DEVICE_POLL_INTERVAL = 0
+        assert target.poll()["config"]["polling"]["sleep"] == "00:00:01"
+
+    def test_nothing_offered(self, target: Target, v2: Firmware) -> None:
+        attributes_sent(target)
+        body = target.poll()
+        # No link at all: no action, nothing installed, attributes already here.
+        assert body == {"config": {"polling": {"sleep": "00:01:00"}}}
+
+    def test_a_rollout_offers_a_numeric_action(self, target: Target, rollout: Rollout) -> None:
+        action_id = target.offered()
+        session = session_of(action_id)
+        assert session.device_id == target.device.id
+        assert session.rollout_id == rollout.id
+        assert session.status == SessionStatus.PENDING
+        # The same open action on every poll until it ends.
+        assert target.offered() == action_id
+
+    def test_config_data_only_while_attributes_are_wanted(self, target: Target) -> None:
+        links = target.links()
+        assert links["configData"]["href"] == f"http://testserver{target.base}/configData"
+        attributes_sent(target)
+        assert "configData" not in target.links()
+        ddi.request_attributes(target.device)
+        assert "configData" in target.links()
+
+    def test_cancel_action_wins_over_deployment(self, target: Target, rollout: Rollout) -> None:
+        action_id = target.offered()
+        lifecycle.cancel_rollout(rollout)
+        links = target.links()
+        assert "deploymentBase" not in links
+        href = links["cancelAction"]["href"]
+        # The client appends /feedback to this href: no query string.
+        assert urlsplit(href).query == ""
+        assert action_of(href, "cancelAction") == action_id
+
+    def test_tenant_is_case_insensitive(self, target: Target) -> None:
+        for tenant in ("default", "Default", "DEFAULT"):
+            reply = target.client.get(f"/{tenant}/controller/v1/ddi-1")
+            assert reply.status_code == 200, (tenant, reply.content)
+
+    def test_unknown_tenant(self, target: Target) -> None:
+        reply = target.client.get("/acme/controller/v1/ddi-1")
+        assert_refused(reply, 404, "tenant_not_found")
+
+    def test_installed_base_after_success(self, target: Target, rollout: Rollout) -> None:
+        action_id = target.offered()
+        assert "installedBase" not in target.links()
+        assert_refused(target.get(f"/installedBase/{action_id}"), 404, "action_not_installed")
+        assert target.feedback(action_id, report("closed", "success")).status_code == 200
+        links = target.links()
+        assert "deploymentBase" not in links
+        assert action_of(links["installedBase"]["href"], "installedBase") == action_id
+        reply = target.get(f"/installedBase/{action_id}")
+        assert reply.status_code == 200, reply.content
+        assert reply.json()["id"] == str(action_id)
+        assert reply.json()["deployment"]["chunks"][0]["version"] == "1.1.0"
+
+    def test_query_budget(
+        self, target: Target, rollout: Rollout, django_assert_max_num_queries: Any
+    ) -> None:
+        """The poll is the hot path: four reads (the device, its latest session, the offer,
+        installedBase) and at most the coalesced last_seen write."""
+        attributes_sent(target)
+        target.poll()  # opens the session
+        for _ in range(2):
+            with django_assert_max_num_queries(5):
+                target.poll()
+        lifecycle.cancel_rollout(rollout)
+        for _ in range(2):
+            with django_assert_max_num_queries(5):
+                target.poll()
+
+    def test_poll_other_methods(self, target: Target) -> None:
+        reply = target.send("post", "", {})
+        assert_refused(reply, 405, "method_not_allowed")
+        assert reply["Allow"] == "GET"
+
+
+# --- deploymentBase -----------------------------------------------------------------------------
+
+
+class TestDeploymentBase:
+    def test_shape(self, target: Target, rollout: Rollout, v2: Firmware) -> None:
+        action_id = target.offered()
+        reply = target.get(f"/deploymentBase/{action_id}?c={action_id:x}")
+        assert reply.status_code == 200, reply.content
+        body = reply.json()
+        assert body["id"] == str(action_id)
+        assert body["id"].isdigit()
+        deployment = body["deployment"]
+        assert deployment["download"] == "forced"
+        assert deployment["update"] == "forced"
+        assert len(deployment["chunks"]) == 1
+        chunk = deployment["chunks"][0]
+        assert chunk["part"] == "os"
+        assert chunk["version"] == "1.1.0"
+        assert chunk["name"] == "board-a"
+        assert len(chunk["artifacts"]) == 1
+        artifact = chunk["artifacts"][0]
+        assert artifact["filename"] == v2.filename
+        assert artifact["size"] == v2.file_size
+        assert type(artifact["size"]) is int
+        hashes = artifact["hashes"]
+        content = firmware_bytes("1.1.0")
+        assert hashes == {
+            "sha1": hashlib.sha1(content).hexdigest(),
+            "md5": hashlib.md5(content).hexdigest(),
+            "sha256": hashlib.sha256(content).hexdigest(),
+        }
+        assert hashes == {"sha1": v2.sha1, "md5": v2.md5, "sha256": v2.checksum}
+        for name, length in (("sha1", 40), ("md5", 32), ("sha256", 64)):
+            assert re.fullmatch(f"[0-9a-f]{{{length}}}", hashes[name]), (name, hashes[name])
+
+    def test_chunk_part_per_device_type(
+        self, target: Target, rollout: Rollout, settings: Any
+    ) -> None:
+        """Zephyr accepts only "bApp"; the part is set per device type."""
+        action_id = target.offered()
+        settings.DDI_CHUNK_PARTS = {"board-a": "bApp", "board-b": "rootfs"}
+        assert target.action(action_id)["deployment"]["chunks"][0]["part"] == "bApp"
+        settings.DDI_CHUNK_PARTS = {}
+        settings.DDI_CHUNK_PART = "rootfs"
+        assert target.action(action_id)["deployment"]["chunks"][0]["part"] == "rootfs"
+
+    def test_hashes_are_lower_case_whatever_is_stored(
+        self, target: Target, rollout: Rollout, v2: Firmware
+    ) -> None:
+        Firmware.objects.filter(pk=v2.pk).update(sha1=v2.sha1.upper(), md5=v2.md5.upper())
+        hashes = target.action(target.offered())["deployment"]["chunks"][0]["artifacts"][0][
+            "hashes"
+        ]
+        assert hashes["sha1"] == v2.sha1 and hashes["md5"] == v2.md5
+
+    def test_artifact_links_work_with_the_same_auth(
+        self, target: Target, rollout: Rollout, v2: Firmware
+    ) -> None:
+        action_id = target.offered()
+        artifact = target.action(action_id)["deployment"]["chunks"][0]["artifacts"][0]
+        links = artifact["_links"]
+        download = target.client.get(links["download-http"]["href"])
+        assert download.status_code == 200
+        assert content_of(download) == firmware_bytes("1.1.0")
+        md5sum = target.client.get(links["md5sum-http"]["href"])
+        assert md5sum.status_code == 200
+        assert md5sum.content.decode() == f"{v2.md5}  {v2.filename}\n"
+        # Without the device's credentials the same links are refused.
+        assert_refused(Client().get(links["download-http"]["href"]), 401)
+
+    def test_another_devices_action(self, target: Target, rollout: Rollout) -> None:
+        other = provision("ddi-2")
+        action_id = target.offered()
+        assert_refused(other.get(f"/deploymentBase/{action_id}"), 404, "action_not_found")
+        assert_refused(other.feedback(action_id, report("closed", "failure")), 404)
+        assert session_of(action_id).status == SessionStatus.PENDING
+
+    def test_unknown_and_non_numeric_ids(self, target: Target, rollout: Rollout) -> None:
+        action_id = target.offered()
+        assert_refused(target.get(f"/deploymentBase/{action_id + 1000}"), 404, "action_not_found")
+        assert_refused(target.get("/deploymentBase/abc"), 404)
+        assert_refused(target.get("/deploymentBase/12ab"), 404)
+
+
+# --- Rollouts -----------------------------------------------------------------------------------
+
+
+class TestRolloutSemantics:
+    def test_failures_roll_back_and_successes_get_the_old_firmware(
+        self, v1: Firmware, v2: Firmware
+    ) -> None:
+        targets = [provision(f"ddi-{n}") for n in range(4)]
+        rollout = started(v2, 100, min_devices=4, rollback_threshold=0.3)
+        actions = [t.offered() for t in targets]
+        for t, action_id in zip(targets[:2], actions[:2], strict=True):
+            assert t.feedback(action_id, report("closed", "success")).status_code == 200
+        assert evaluate(rollout) == ""  # two of four finished: below min_devices
+        for t, action_id in zip(targets[2:], actions[2:], strict=True):
+            failure = report("closed", "failure", details=["sha256 mismatch"])
+            assert t.feedback(action_id, failure).status_code == 200
+        assert evaluate(rollout) == "rolled_back"
+        rollout.refresh_from_db()
+        assert rollout.status == RolloutStatus.ROLLED_BACK
+        for t, old in zip(targets[:2], actions[:2], strict=True):
+            assert t.refresh().current_version == "1.1.0"
+            new = t.offered()
+            assert new != old
+            chunk = t.action(new)["deployment"]["chunks"][0]
+            assert chunk["version"] == "1.0.0"
+            assert chunk["artifacts"][0]["hashes"]["sha256"] == v1.checksum
+            assert session_of(new).is_rollback
+            assert t.feedback(new, report("closed", "success")).status_code == 200
+            assert t.refresh().current_version == "1.0.0"
+        for t in targets[2:]:
+            links = t.links()
+            assert "deploymentBase" not in links and "cancelAction" not in links
+            assert t.refresh().current_version == "1.0.0"
+
+    @pytest.mark.parametrize(
+        ("outcomes", "verdict"),
+        [
+            (("success", "success", "success"), "completed"),  # 1 of 4 failed: 25 %
+            (("success", "success", "failure"), "rolled_back"),  # 2 of 4 failed: 50 %
+        ],
+    )
+    def test_ddi_and_native_devices_count_alike(
+        self, v1: Firmware, v2: Firmware, outcomes: tuple[str, ...], verdict: str
+    ) -> None:
+        """A native failure plus DDI results, judged against a 30 % rollback threshold."""
+        native = DeviceFactory.create()
+        targets = [provision(f"ddi-{n}") for n in range(3)]
+        rollout = started(v2, 100, min_devices=4, rollback_threshold=0.3, success_threshold=0.7)
+        assert run_device(native, "failed") == "new"
+        for t, outcome in zip(targets, outcomes, strict=True):
+            assert t.feedback(t.offered(), report("closed", outcome)).status_code == 200
+        assert evaluate(rollout) == verdict
+
+    def test_cancelling_the_rollout_cancels_the_action(
+        self, target: Target, rollout: Rollout
+    ) -> None:
+        action_id = target.offered()
+        assert target.feedback(action_id, report("proceeding")).status_code == 200
+        lifecycle.cancel_rollout(rollout)
+        assert action_of(target.links()["cancelAction"]["href"], "cancelAction") == action_id
+        reply = target.get(f"/cancelAction/{action_id}")
+        assert reply.status_code == 200, reply.content
+        assert reply.json() == {"id": str(action_id), "cancelAction": {"stopId": str(action_id)}}
+        # "Still working on it" is no answer yet.
+        assert (
+            target.feedback(action_id, report("proceeding"), on="cancelAction").status_code == 200
+        )
+        assert session_of(action_id).cancel_acknowledged_at is None
+        assert "cancelAction" in target.links()
+        reply = target.feedback(action_id, report("closed", "success"), on="cancelAction")
+        assert reply.status_code == 200
+        session = session_of(action_id)
+        assert session.status == SessionStatus.CANCELLED
+        assert session.cancel_acknowledged_at is not None
+        links = target.links()
+        assert "cancelAction" not in links and "deploymentBase" not in links
+        # Acknowledged twice: still 200, nothing changes.
+        acknowledged = session.cancel_acknowledged_at
+        reply = target.feedback(action_id, report("closed", "success"), on="cancelAction")
+        assert reply.status_code == 200
+        assert session_of(action_id).cancel_acknowledged_at == acknowledged
+
+    def test_a_rejected_cancel_is_settled_and_the_install_counts(
+        self, target: Target, rollout: Rollout
+    ) -> None:
+        action_id = target.offered()
+        lifecycle.cancel_rollout(rollout)
+        rejected = report("rejected", details=["too late, installing"])
+        assert target.feedback(action_id, rejected, on="cancelAction").status_code == 200
+        assert session_of(action_id).cancel_acknowledged_at is not None
+        assert "cancelAction" not in target.links()
+        # It went on installing and says so on the action itself.
+        reply = target.feedback(action_id, report("closed", "success"))
+        assert reply.status_code == 200
+        assert session_of(action_id).status == SessionStatus.CANCELLED
+        assert target.refresh().current_version == "1.1.0"
+
+    def test_success_on_a_cancelled_action_before_acknowledging(
+        self, target: Target, rollout: Rollout
+    ) -> None:
+        action_id = target.offered()
+        lifecycle.cancel_rollout(rollout)
+        assert target.feedback(action_id, report("closed", "success")).status_code == 200
+        session = session_of(action_id)
+        assert session.status == SessionStatus.CANCELLED
+        assert target.refresh().current_version == "1.1.0"
+        # A failure on a cancelled action changes nothing either.
+        assert target.feedback(action_id, report("closed", "failure")).status_code == 200
+        assert session_of(action_id).status == SessionStatus.CANCELLED
+        assert target.refresh().current_version == "1.1.0"
+
+    def test_cancel_action_of_an_action_not_cancelled(
+        self, target: Target, rollout: Rollout
+    ) -> None:
+        action_id = target.offered()
+        assert_refused(target.get(f"/cancelAction/{action_id}"), 404, "no_cancel")
+        reply = target.feedback(action_id, report("closed", "success"), on="cancelAction")
+        assert_refused(reply, 404, "no_cancel")
+        assert session_of(action_id).status == SessionStatus.PENDING
+
+
+# --- configData ---------------------------------------------------------------------------------
+
+
+class TestConfigData:
+    @pytest.fixture
+    def described(self, db: Any) -> Target:
+        return provision("ddi-attrs", metadata={"hwRevision": "1", "site": "north"})
+
+    def put(self, target: Target, body: Any) -> Any:
+        return target.send("put", "/configData", body)
+
+    def test_merge_is_the_default(self, described: Target) -> None:
+        reply = self.put(described, {"data": {"hwRevision": "2", "serial": 42}})
+        assert reply.status_code == 200, reply.content
+        assert described.refresh().metadata == {"hwRevision": "2", "site": "north", "serial": 42}
+        self.put(described, {"data": {"flag": True}, "mode": "merge"})
+        assert described.refresh().metadata["flag"] is True
+        target = DdiTarget.objects.get(device=described.device)
+        assert not target.attributes_requested
+        assert target.attributes_updated_at is not None
+
+    def test_replace(self, described: Target) -> None:
+        reply = self.put(described, {"data": {"only": "this"}, "mode": "replace"})
+        assert reply.status_code == 200, reply.content
+        assert described.refresh().metadata == {"only": "this"}
+
+    def test_remove(self, described: Target) -> None:
+        reply = self.put(described, {"data": {"site": "", "absent": ""}, "mode": "REMOVE"})
+        assert reply.status_code == 200, reply.content
+        assert described.refresh().metadata == {"hwRevision": "1"}
+
+    @pytest.mark.parametrize(
+        "body",
+        [
+            "not json",
+            "",
+            "[1, 2]",
+            {"mode": "merge"},
+            {"data": "hwRevision=2"},
+            {"data": {"nested": {"a": 1}}},
+            {"data": {"list": [1, 2]}},
+            {"data": {"a": "1"}, "mode": "append"},
+            {"data": {"a": "1"}, "mode": 3},
+            {"data": {"k" * 129: "1"}},
+            # Python's json reads these; PostgreSQL's jsonb cannot hold them.
+            '{"data": {"x": NaN}}',
+            '{"data": {"x": Infinity}}',
+            '{"data": {"x": 1e400}}',
+            {"data": {"x": "a\u0000b"}},
+            {"data": {"a\u0000": "b"}},
+        ],
+    )
+    def test_bad_bodies(self, described: Target, body: Any) -> None:
+        assert_refused(self.put(described, body), 400)
+        assert described.refresh().metadata == {"hwRevision": "1", "site": "north"}
+        assert DdiTarget.objects.get(device=described.device).attributes_requested
+
+    def test_oversize_metadata(self, described: Target, settings: Any) -> None:
+        settings.DEVICE_METADATA_MAX_BYTES = 200
+        assert_refused(
+            self.put(described, {"data": {"blob": "x" * 300}}), 400, "metadata_too_large"
+        )
+        assert described.refresh().metadata == {"hwRevision": "1", "site": "north"}
+        # Replacing with something small fits.
+        assert self.put(described, {"data": {"a": "b"}, "mode": "replace"}).status_code == 200
+
+    def test_only_put(self, described: Target) -> None:
+        reply = described.get("/configData")
+        assert_refused(reply, 405, "method_not_allowed")
+        assert reply["Allow"] == "PUT"
+
+
+# --- Authentication -----------------------------------------------------------------------------
+
+
+def poll_as(authorization: str | None, controller_id: str = "ddi-1", **extra: Any) -> Any:
+    headers = {"authorization": authorization} if authorization is not None else {}
+    return Client(headers=headers).get(f"/{TENANT}/controller/v1/{controller_id}", **extra)
+
+
+def assert_unauthorized(reply: Any, code: str | None = None) -> None:
+    assert_refused(reply, 401, code)
+    assert reply["WWW-Authenticate"]
+
+
+class TestAuthentication:
+    def test_target_token(self, target: Target) -> None:
+        assert poll_as(f"TargetToken {target.token}").status_code == 200
+        assert poll_as(f"targettoken  {target.token} ").status_code == 200
+        assert_unauthorized(poll_as(f"TargetToken {target.token}x"), "authentication_failed")
+        assert_unauthorized(poll_as(f"Bearer {target.token}"), "authentication_failed")
+        assert_unauthorized(poll_as("TargetToken"), "authentication_failed")
+        assert_unauthorized(poll_as(""), "credentials_missing")
+        assert_unauthorized(poll_as(None), "credentials_missing")
+
+    def test_another_devices_token(self, target: Target) -> None:
+        other = provision("ddi-2")
+        assert_unauthorized(poll_as(f"TargetToken {other.token}"), "authentication_failed")
+        # Nor for a controller id nobody has: 401, not 404 (no probing for device names).
+        assert_unauthorized(poll_as(f"TargetToken {target.token}", "nobody"))
+
+    def test_the_token_is_stored_hashed(self, target: Target) -> None:
+        stored = DdiTarget.objects.get(device=target.device)
+        assert stored.token_hash != target.token
+        assert stored.token_hash == hashlib.sha256(target.token.encode()).hexdigest()
+        assert stored.token_prefix == target.token[:8]
+
+    def test_a_new_token_replaces_the_old_one(self, target: Target) -> None:
+        fresh = ddi.issue_target_token(target.device)
+        assert_unauthorized(poll_as(f"TargetToken {target.token}"))
+        assert poll_as(f"TargetToken {fresh}").status_code == 200
+        assert ddi.revoke_target_token(target.device)
+        assert_unauthorized(poll_as(f"TargetToken {fresh}"))
+
+    def test_revoked_device(self, target: Target, settings: Any) -> None:
+        settings.DDI_GATEWAY_TOKEN = "gateway-secret-0123456789"
+        certificates.revoke_device(target.device)
+        assert_unauthorized(poll_as(f"TargetToken {target.token}"), "device_revoked")
+        assert_unauthorized(poll_as(f"GatewayToken {settings.DDI_GATEWAY_TOKEN}"), "device_revoked")
+
+    def test_gateway_token(self, target: Target, settings: Any) -> None:
+        settings.DDI_GATEWAY_TOKEN = "gateway-secret-0123456789"
+        assert poll_as("GatewayToken gateway-secret-0123456789").status_code == 200
+        assert_unauthorized(poll_as("GatewayToken gateway-secret-012345678"))
+        assert_unauthorized(poll_as(f"GatewayToken {target.token}"))
+        settings.DDI_GATEWAY_TOKEN = ""
+        assert_unauthorized(poll_as("GatewayToken gateway-secret-0123456789"))
+        assert_unauthorized(poll_as("GatewayToken "))
+
+    def test_unknown_controller_without_auto_create(self, db: Any, settings: Any) -> None:
+        settings.DDI_GATEWAY_TOKEN = "gateway-secret-0123456789"
+        settings.DDI_AUTO_CREATE = False
+        reply = poll_as("GatewayToken gateway-secret-0123456789", "brand-new")
+        assert_refused(reply, 404, "device_not_found")
+        assert not Device.objects.filter(hardware_id="brand-new").exists()
+
+    def test_unknown_controller_with_auto_create(self, db: Any, settings: Any) -> None:
+        settings.DDI_GATEWAY_TOKEN = "gateway-secret-0123456789"
+        settings.DDI_AUTO_CREATE = True
+        settings.DDI_DEFAULT_DEVICE_TYPE = "board-z"
+        reply = poll_as("GatewayToken gateway-secret-0123456789", "brand-new")
+        assert reply.status_code == 200, reply.content
+        assert "configData" in reply.json()["_links"]
+        device = Device.objects.get(hardware_id="brand-new")
+        assert device.device_type == "board-z"
+        assert DdiTarget.objects.get(device=device).attributes_requested
+        # The second poll finds it; a target token still cannot name it.
+        assert poll_as("GatewayToken gateway-secret-0123456789", "brand-new").status_code == 200
+        assert Device.objects.filter(hardware_id="brand-new").count() == 1
+        assert_unauthorized(poll_as("TargetToken whatever", "brand-new"))
+
+    @pytest.mark.parametrize(
+        "controller_id", ["x" * 129, "a%00b", "..", "bad%20id", "%C3%BCber", "-x"]
+    )
+    def test_invalid_controller_ids(self, db: Any, settings: Any, controller_id: str) -> None:
+        """Not a hardware id anywhere else, so not here: never created, and never a 500."""
+        settings.DDI_GATEWAY_TOKEN = "gateway-secret-0123456789"
+        settings.DDI_AUTO_CREATE = True
+        settings.DDI_DEFAULT_DEVICE_TYPE = "board-a"
+        reply = poll_as("GatewayToken gateway-secret-0123456789", controller_id)
+        assert_refused(reply, 404, "device_not_found")
+        assert_refused(poll_as("TargetToken whatever", controller_id), 404, "device_not_found")
+        assert not Device.objects.exists()
+
+    def test_native_enrollment_cannot_take_over(self, target: Target) -> None:
+        _, token = device_services.create_enrollment_token(name="take-over")
+        with pytest.raises(StateConflict) as refused:
+            device_services.register_device(
+                enrollment_token=token, hardware_id="ddi-1", device_type="board-a"
+            )
+        assert refused.value.code == "device_exists"
+        assert poll_as(f"TargetToken {target.token}").status_code == 200
+
+
+class TestClientCertificate:
+    @pytest.fixture(autouse=True)
+    def _proxy(self, settings: Any) -> None:
+        settings.TRUSTED_PROXIES = ["10.1.0.0/16"]
+
+    @pytest.fixture
+    def device_ca(self, db: Any) -> DeviceCA:
+        return certificates.create_device_ca(common_name="Test device CA", days=30)
+
+    def via_nginx(self, pem: str, remote: str = PROXY) -> dict[str, Any]:
+        return {
+            "REMOTE_ADDR": remote,
+            "HTTP_X_SSL_CLIENT_VERIFY": "SUCCESS",
+            "HTTP_X_SSL_CLIENT_CERT": quote(pem),
+        }
+
+    def test_certificate_names_its_own_controller(
+        self, target: Target, device_ca: DeviceCA
+    ) -> None:
+        other = provision("ddi-2")
+        pem = certificates.issue_certificate(target.device, make_csr()[1]).certificate
+        reply = poll_as(None, "ddi-1", **self.via_nginx(pem))
+        assert reply.status_code == 200, reply.content
+        # Its device id names it too.
+        assert poll_as(None, str(target.device.id), **self.via_nginx(pem)).status_code == 200
+        assert_unauthorized(poll_as(None, "ddi-2", **self.via_nginx(pem)), "certificate_invalid")
+        assert poll_as(f"TargetToken {other.token}", "ddi-2").status_code == 200
+        # The same headers from an address that is no proxy of ours are not believed.
+        reply = poll_as(None, "ddi-1", **self.via_nginx(pem, remote="192.0.2.7"))
+        assert_unauthorized(reply, "credentials_missing")
+
+
+# --- Artifacts ----------------------------------------------------------------------------------
+
+
+class TestArtifacts:
+    @pytest.fixture
+    def url(self, target: Target, rollout: Rollout, v2: Firmware) -> str:
+        target.offered()
+        return f"{target.base}/softwaremodules/{v2.id}/artifacts/{v2.filename}"
+
+    def test_head_has_headers_and_no_body(self, target: Target, url: str, v2: Firmware) -> None:
+        reply = target.client.head(url)
+        assert reply.status_code == 200
+        assert reply["Content-Length"] == str(v2.file_size)
+        assert reply["ETag"] == f'"{v2.checksum}"'
+        # The test client strips HEAD bodies like a web server would: ask the view itself.
+        for path in (url, url + ".MD5SUM"):
+            direct = view_reply(target, "head", path)
+            assert direct.status_code == 200
+            assert not getattr(direct, "streaming", False)
+            assert direct.content == b"", path  # type: ignore[attr-defined]
+            assert int(direct["Content-Length"]) > 0
+
+    def test_range_resumes(self, target: Target, url: str, v2: Firmware) -> None:
+        size = v2.file_size
+        reply = target.client.get(url, headers={"range": "bytes=1000-"})
+        assert reply.status_code == 206
+        assert reply["Content-Range"] == f"bytes 1000-{size - 1}/{size}"
+        assert content_of(reply) == firmware_bytes("1.1.0")[1000:]
+        assert reply["Content-Length"] == str(size - 1000)
+
+    def test_range_beyond_the_end(self, target: Target, url: str, v2: Firmware) -> None:
+        reply = target.client.get(url, headers={"range": f"bytes={v2.file_size}-"})
+        assert_refused(reply, 416, "range_not_satisfiable")
+        assert reply["Content-Range"] == f"bytes */{v2.file_size}"
+
+    def test_if_none_match(self, target: Target, url: str, v2: Firmware) -> None:
+        reply = target.client.get(url, headers={"if-none-match": f'"{v2.checksum}"'})
+        assert reply.status_code == 304
+        assert content_of(reply) == b""
+
+    def test_md5sum(self, target: Target, url: str, v2: Firmware) -> None:
+        reply = target.client.get(url + ".MD5SUM")
+        assert reply.status_code == 200
+        line = f"{v2.md5}  image.bin\n".encode()
+        assert reply.content == line
+        head = target.client.head(url + ".MD5SUM")
+        assert head.status_code == 200
+        assert head["Content-Length"] == str(len(line))
+
+    def test_only_offered_firmware(
+        self, target: Target, url: str, v1: Firmware, v2: Firmware
+    ) -> None:
+        never = f"{target.base}/softwaremodules/{v1.id}/artifacts/{v1.filename}"
+        assert_refused(target.client.get(never), 404)
+        assert_refused(target.client.get(never + ".MD5SUM"), 404)
+        other = provision("ddi-2", version="1.1.0")  # up to date: never offered 1.1.0
+        path = f"{other.base}/softwaremodules/{v2.id}/artifacts/{v2.filename}"
+        assert_refused(other.client.get(path), 404)
+        assert_refused(target.client.get(url.replace("image.bin", "other.bin")), 404)
+        assert_refused(target.client.get(url.replace(str(v2.id), "not-a-uuid")), 404)
+
+    def test_quarantined_firmware_is_not_served(
+        self, target: Target, url: str, v2: Firmware
+    ) -> None:
+        v2.file.storage.delete(str(v2.file.name))
+        assert firmware_services.verify_storage(v2)["quarantined"]
+        assert_refused(target.client.get(url), 404)
+        assert_refused(target.client.get(url + ".MD5SUM"), 404)
+
+    def test_only_get_and_head(self, target: Target, url: str) -> None:
+        reply = target.client.post(url)
+        assert_refused(reply, 405, "method_not_allowed")
+        assert reply["Allow"] == "GET, HEAD"
+
+
+def view_reply(target: Target, method: str, path: str) -> HttpResponseBase:
+    """The view's own response, without the test client's stripping of HEAD bodies."""
+    match = resolve(path)
+    request = getattr(RequestFactory(), method)(
+        path, headers={"authorization": f"TargetToken {target.token}"}
+    )
+    response: HttpResponseBase = match.func(request, *match.args, **match.kwargs)
+    return response
