@@ -14,23 +14,27 @@ TEST_REDIS_URL    ?= redis://127.0.0.1:6379/15
 PYTEST_WORKERS    ?= auto
 
 # The embedded mode: SQLite and files under var/, no other service, whatever the shell has set.
-EMBEDDED := DATABASE_URL= REDIS_URL= STORAGE=local CELERY_BROKER_URL=
+EMBEDDED := DATABASE_URL= DATABASE_REPLICA_URL= REDIS_URL= STORAGE=local CELERY_BROKER_URL=
 # Its own test database name per checkout, so two checkouts on one machine never collide.
 TEST_DB_NAME      ?= test_ota_$(shell printf %s "$(CURDIR)" | cksum | cut -d' ' -f1)
 # Rate limits off: the tests make many requests from 127.0.0.1; tests/test_rate_limits.py and
-# tests/client/test_rate_limit_client.py turn them on themselves.
+# tests/client/test_rate_limit_client.py turn them on themselves. No replica: tests read what they
+# wrote in their own transaction (tests/test_replica.py makes its own).
 TESTENV  := DATABASE_URL=$(TEST_DATABASE_URL) DATABASE_TEST_NAME=$(TEST_DB_NAME) \
-	REDIS_URL=$(TEST_REDIS_URL) OTA_VAR_DIR=$(CURDIR)/var/test \
+	DATABASE_REPLICA_URL= REDIS_URL=$(TEST_REDIS_URL) OTA_VAR_DIR=$(CURDIR)/var/test \
 	RATE_LIMIT_DEVICE=off RATE_LIMIT_IP=off
 
 # Real tools the tests drive, from Debian (as root, which this machine's sessions and CI are).
 # softhsm2: a software PKCS#11 token for the HSM signing-key tests (tests/test_signing_hsm.py);
-# nginx: `nginx -t` checks the shipped configuration (tests/test_deploy_config.py);
+# nginx: `nginx -t` checks the shipped configuration (tests/test_deploy_config.py), and
+# `make prod-local` runs it (tests/test_prod_local.py);
 # chromium: the console's browser test (tests/test_console_browser.py, through Playwright).
 # swupdate: the real hawkBit DDI client (suricatta) in tests/ddi/ (docs/ddi.md).
-DEBIAN_PACKAGES := libubootenv-tool softhsm2 nginx chromium swupdate
+# prometheus: `promtool check rules` on the shipped alert rules (tests/test_observability.py).
+# wrk: the HTTP load of `make bench` (tests/bench/bench_http.py, bench_downloads.py).
+DEBIAN_PACKAGES := libubootenv-tool softhsm2 nginx chromium swupdate prometheus wrk
 
-.PHONY: install debian-packages demo serve serve-demo test screenshots bench lint format clean
+.PHONY: install debian-packages demo serve serve-demo prod-local test screenshots bench lint format clean
 
 $(STAMP):
 	$(PYTHON) -m venv $(VENV)
@@ -78,6 +82,12 @@ serve-demo: install
 		$(VENV)/bin/gunicorn ota_site.wsgi --bind $(HOST):$(PORT) \
 		--workers 2 --graceful-timeout 5 --no-control-socket
 
+# The production process set without Docker (docs/deployment.md#prod-local): nginx (TLS on
+# PROD_LOCAL_PORT, plain HTTP too), gunicorn x2, daphne, a Celery worker and beat, on the local
+# PostgreSQL (database ota_prod_local) and Redis (db 14). Logs under var/prod-local/logs/.
+prod-local: install debian-packages
+	$(PY) -m ota_site.deploy.prod_local
+
 serve: install
 	$(EMBEDDED) $(VENV)/bin/gunicorn ota_site.wsgi --bind $(HOST):$(PORT) --workers 2 \
 		--access-logfile - --graceful-timeout 5 --no-control-socket
@@ -91,9 +101,13 @@ test: install debian-packages
 screenshots: install debian-packages
 	$(TESTENV) OTA_SCREENSHOTS=1 $(PY) -m pytest -q tests/test_console_browser.py
 
-bench: install
+bench: install debian-packages
 	$(TESTENV) $(PY) tests/bench/bench_rollouts.py
 	$(TESTENV) $(PY) tests/bench/bench_rate_limits.py
+	$(TESTENV) $(PY) tests/bench/bench_sessions.py
+	$(TESTENV) $(PY) tests/bench/bench_poll_cache.py
+	$(TESTENV) $(PY) tests/bench/bench_http.py
+	$(TESTENV) $(PY) tests/bench/bench_downloads.py
 
 lint: install
 	$(VENV)/bin/ruff format --check .

@@ -1,8 +1,15 @@
 """Serving firmware bytes with HEAD, ETag, Range and If-Range, so devices resume cut downloads.
 
-Local storage: a full download is a FileResponse (gunicorn sends it with sendfile); a range is
-streamed in bounded chunks. S3: a redirect to a short-lived signed URL, so the bytes never pass
-through Python. (Production serves local files through nginx instead: docs/deployment.md.)
+The views decide who may download; this module decides how the bytes go out:
+
+- S3: a redirect to a short-lived signed URL (ota_site.storage), so the bytes never pass through
+  Python. HEAD is answered here from the database.
+- Local storage behind nginx (``FIRMWARE_X_ACCEL_PREFIX`` set): an empty answer whose
+  ``X-Accel-Redirect`` names the file in nginx's internal location (ota_site/deploy/nginx.conf);
+  nginx sends it with Range, If-Range and HEAD, and re-sends our ETag and checksum headers.
+  Conditions answered without bytes (304, 416) are still decided here.
+- Local storage without nginx (the embedded mode, tests): a full download is a FileResponse
+  (gunicorn sends it with sendfile); a range is streamed in bounded chunks.
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from typing import IO
+from urllib.parse import quote
 
 from django.conf import settings
 from django.http import (
@@ -96,14 +104,18 @@ def serve_firmware(request: HttpRequest, firmware: Firmware) -> HttpResponseBase
     range_header = request.headers.get("Range")
     if range_header:
         if_range = request.headers.get("If-Range")
-        # If-Range with another entity tag (or a date, which we never hand out) means the client's
-        # partial copy is of something else: send the whole current file.
+        # If-Range with another entity tag (or a date, which only nginx hands out, as
+        # Last-Modified, and judges itself) means the client's partial copy is of something
+        # else: send the whole current file.
         if if_range is None or if_range.strip() == etag:
             wanted = parse_range(range_header, size)
     if wanted == "unsatisfiable":
         refusal = json_error(416, "range_not_satisfiable", f"The file has {size} bytes.")
         refusal["Content-Range"] = f"bytes */{size}"
         return refusal
+
+    if settings.FIRMWARE_X_ACCEL_PREFIX and settings.STORAGE != "s3":
+        return _x_accel_redirect(name, common)
 
     if isinstance(wanted, tuple):
         first, last = wanted
@@ -132,4 +144,17 @@ def serve_firmware(request: HttpRequest, firmware: Firmware) -> HttpResponseBase
     for header, value in {**common, **extra}.items():
         response[header] = value
     response["Content-Length"] = str(length)
+    return response
+
+
+def _x_accel_redirect(name: str, headers: dict[str, str]) -> HttpResponse:
+    """Hand the file to nginx. It keeps Content-Type, Content-Disposition, Cache-Control and
+    Accept-Ranges from this answer; the internal location adds back ETag and X-Checksum-Sha256
+    (nginx would otherwise make its own ETag from the file's mtime and size, and If-Range
+    with ours would no longer match). The same for GET and HEAD, so both carry the same
+    headers."""
+    response = HttpResponse(b"", content_type="application/octet-stream")
+    for header, value in headers.items():
+        response[header] = value
+    response["X-Accel-Redirect"] = settings.FIRMWARE_X_ACCEL_PREFIX + quote(name)
     return response

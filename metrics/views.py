@@ -1,49 +1,18 @@
-"""Health endpoints for load balancers and orchestrators, and the console pages that combine
-every app: the dashboard and the device page (its session history comes from rollouts)."""
+"""The console pages that combine every app: the dashboard and the device page (its session
+history comes from rollouts). The health endpoints are in metrics/health.py."""
 
 from __future__ import annotations
 
 import json
-import logging
 from typing import Any
 
 from django.conf import settings
-from django.db import connection
-from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404
-from django.views.decorators.cache import never_cache
-from django.views.decorators.http import require_safe
 
 from devices.models import Device, DeviceGroup
 from metrics import queries
 from ota_site.console import ConsoleView
-
-logger = logging.getLogger(__name__)
-
-
-@never_cache
-@require_safe
-def health(request: HttpRequest) -> JsonResponse:
-    """Liveness plus the database: 200 when the database answers, 503 (with Retry-After) if not."""
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT 1")
-            cursor.fetchone()
-        database = "ok"
-    except Exception as exc:
-        logger.warning("health: database unavailable: %s", exc)
-        database = "unavailable"
-    healthy = database == "ok"
-    response = JsonResponse(
-        {"status": "ok" if healthy else "unavailable", "database": database},
-        status=200 if healthy else 503,
-    )
-    if not healthy:
-        response["Retry-After"] = "5"
-    return response
-
-
-# --- Console pages ---------------------------------------------------------------------------
 
 
 class DashboardView(ConsoleView):

@@ -53,6 +53,9 @@ class EventKind(models.TextChoices):
     ROLLOUT_CANCELLED = "rollout.cancelled"
     ROLLOUT_ROLLED_BACK = "rollout.rolled_back"
     SESSIONS_TIMED_OUT = "sessions.timed_out"
+    # One per archive batch (rollouts.archive, ota_site.archive): the file and what it holds.
+    SESSIONS_ARCHIVED = "sessions.archived"
+    EVENTS_PRUNED = "events.pruned"
     ENROLLMENT_TOKEN_CREATED = "enrollment_token.created"
     ENROLLMENT_TOKEN_REVOKED = "enrollment_token.revoked"
     API_KEY_CREATED = "api_key.created"
@@ -76,7 +79,7 @@ class EventQuerySet(models.QuerySet["Event"]):
         raise TypeError("events are append-only")
 
     def delete(self) -> tuple[int, dict[str, int]]:
-        raise TypeError("events are append-only; archive them with a management command")
+        raise TypeError("events are append-only; prune them with `manage.py events prune`")
 
 
 class Event(models.Model):

@@ -10,7 +10,10 @@ by the system checks in ``ota_site/checks.py`` at start-up, instead of crashing 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import os
 import secrets
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +105,8 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "ota_site.middleware.RequestContextMiddleware",
+    # Right after the request id is bound: times everything below it, writes the access log.
+    "ota_site.observability.RequestMetricsMiddleware",
     "corsheaders.middleware.CorsMiddleware",
     # Early, so a refused request costs little; after CORS, so browsers can read its 429.
     "ota_site.ratelimit.RateLimitMiddleware",
@@ -146,14 +151,18 @@ except (ImproperlyConfigured, ValueError, KeyError) as exc:
 
 if _db["ENGINE"] == "django.db.backends.postgresql":
     if _typed("bool", "DATABASE_POOL", True):
-        # psycopg's pool, one per process. Sync gunicorn workers serve one request at a time, so a
-        # small pool per worker is enough; the fleet-wide total is workers x max_size.
+        # psycopg's pool, one per process. A sync gunicorn worker, daphne and a Celery prefork
+        # child use one connection at a time; sizing: docs/deployment.md "Database connections".
         _db.setdefault("OPTIONS", {})["pool"] = {
             "min_size": _typed("int", "DATABASE_POOL_MIN_SIZE", 1),
             "max_size": _typed("int", "DATABASE_POOL_MAX_SIZE", 10),
             "timeout": _typed("float", "DATABASE_POOL_TIMEOUT", 10.0),
         }
         _db["CONN_MAX_AGE"] = 0  # the pool keeps connections; Django must not
+        # Check a pooled connection as a request takes it (one round trip, ~30 us here): after a
+        # PostgreSQL restart or failover, each process's idle connection would otherwise fail
+        # one request with a 500.
+        _db["CONN_HEALTH_CHECKS"] = True
     else:
         # Persistent connections: a new connection per request cost ~4x throughput here.
         _db["CONN_MAX_AGE"] = _typed("int", "DATABASE_CONN_MAX_AGE", 600)
@@ -178,6 +187,32 @@ elif _db["ENGINE"] != "django.db.backends.dummy":
 _db["ATOMIC_REQUESTS"] = False
 _db.setdefault("TEST", {})["NAME"] = env.str("DATABASE_TEST_NAME", default=None)
 DATABASES = {"default": _db}
+# A read replica for analytics only (fleet-wide counts; ota_site.db.analytics): the same pool
+# and options as the primary. Unset, analytics read the primary.
+DATABASE_REPLICA_URL = env.str("DATABASE_REPLICA_URL", default="")
+if DATABASE_REPLICA_URL:
+    try:
+        _replica: dict[str, Any] = env.db_url_config(DATABASE_REPLICA_URL)
+    except (ImproperlyConfigured, ValueError, KeyError) as exc:
+        _replica = {"ENGINE": "", "problem": f"cannot be used: {exc}"}
+    if _db["ENGINE"] != "django.db.backends.postgresql" or _replica.get("ENGINE") != _db["ENGINE"]:
+        CONFIG_ERRORS.append(
+            (
+                "ota.E070",
+                "DATABASE_REPLICA_URL "
+                + _replica.get("problem", "must be a postgres:// URL, with DATABASE_URL one too"),
+            )
+        )
+    else:
+        _replica.update(
+            {key: _db[key] for key in ("CONN_MAX_AGE", "CONN_HEALTH_CHECKS") if key in _db},
+            ATOMIC_REQUESTS=False,
+            OPTIONS={**_db["OPTIONS"], **_replica.get("OPTIONS", {})},
+            # Tests never create a database on the replica: the alias reads the primary's test
+            # database there (and ota_site.db.analytics then answers "default").
+            TEST={"MIRROR": "default"},
+        )
+        DATABASES["replica"] = _replica
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Redis: cache, Celery broker, channel layer ---------------------------------------------
@@ -269,6 +304,10 @@ WHITENOISE_USE_FINDERS = not _collected
 if STORAGE == "s3":
     AWS_STORAGE_BUCKET_NAME = env.str("AWS_STORAGE_BUCKET_NAME", default="")
     AWS_S3_ENDPOINT_URL = env.str("AWS_S3_ENDPOINT_URL", default=None)
+    # Where devices reach the same store, when not at AWS_S3_ENDPOINT_URL (MinIO inside compose
+    # is http://minio:9000 to the app): signed download URLs are made for this endpoint
+    # (ota_site.storage).
+    AWS_S3_PUBLIC_ENDPOINT_URL = env.str("AWS_S3_PUBLIC_ENDPOINT_URL", default=None)
     AWS_S3_REGION_NAME = env.str("AWS_S3_REGION_NAME", default=None)
     AWS_ACCESS_KEY_ID = _secret("AWS_ACCESS_KEY_ID")
     AWS_SECRET_ACCESS_KEY = _secret("AWS_SECRET_ACCESS_KEY")
@@ -279,13 +318,26 @@ if STORAGE == "s3":
     # Server-side encryption at rest; AWS_S3_SSE="" leaves it to the bucket's default.
     _sse = env.str("AWS_S3_SSE", default="AES256")
     AWS_S3_OBJECT_PARAMETERS = {"ServerSideEncryption": _sse} if _sse else {}
-    _default_storage: dict[str, Any] = {"BACKEND": "storages.backends.s3.S3Storage"}
+    _default_storage: dict[str, Any] = {"BACKEND": "ota_site.storage.FirmwareS3Storage"}
 else:
     _default_storage = {
         "BACKEND": "django.core.files.storage.FileSystemStorage",
         "OPTIONS": {"location": MEDIA_ROOT, "base_url": MEDIA_URL},
     }
 STORAGES = {"default": _default_storage, "staticfiles": {"BACKEND": _static_backend}}
+# Local storage behind nginx: downloads answer with X-Accel-Redirect to this internal nginx
+# location (ota_site/deploy/nginx.conf) and nginx sends the bytes; empty: Python sends them.
+FIRMWARE_X_ACCEL_PREFIX = env.str("FIRMWARE_X_ACCEL_PREFIX", default="")
+if FIRMWARE_X_ACCEL_PREFIX and not (
+    FIRMWARE_X_ACCEL_PREFIX.startswith("/") and FIRMWARE_X_ACCEL_PREFIX.endswith("/")
+):
+    CONFIG_ERRORS.append(
+        (
+            "ota.E060",
+            f"FIRMWARE_X_ACCEL_PREFIX={FIRMWARE_X_ACCEL_PREFIX!r} must start and end with '/'.",
+        )
+    )
+    FIRMWARE_X_ACCEL_PREFIX = ""
 WHITENOISE_MANIFEST_STRICT = False  # a missing collectstatic entry degrades, never a 500
 
 # Firmware uploads: every file is streamed to a temporary file on disk, hashed on the way
@@ -394,7 +446,48 @@ ROLLOUT_EVALUATION_INTERVAL = _typed("float", "ROLLOUT_EVALUATION_INTERVAL", 5.0
 ROLLOUT_CACHE_TIMEOUT = _typed("int", "ROLLOUT_CACHE_TIMEOUT", 10)  # live rollouts seen by polls
 # Device counts in rollout metrics (a scan of the targeted fleet) are reused this long.
 ROLLOUT_METRICS_CACHE_TIMEOUT = _typed("int", "ROLLOUT_METRICS_CACHE_TIMEOUT", 30)
+# Finished update sessions older than this many days are moved to archive files once a day
+# (rollouts.tasks.archive_old_sessions, docs/operations.md); 0 turns the daily run off.
+SESSION_ARCHIVE_DAYS = _typed("int", "SESSION_ARCHIVE_DAYS", 90)
+# --- Observability (docs/observability.md) -------------------------------------------------------
+# Celery workers write a heartbeat this often (ota_site.tasks); /health/ready fails and the
+# OtaWorkerHeartbeatStale alert fires when the newest is older than WORKER_HEARTBEAT_MAX_AGE.
+WORKER_HEARTBEAT_INTERVAL = _typed("float", "WORKER_HEARTBEAT_INTERVAL", 30.0)
+WORKER_HEARTBEAT_MAX_AGE = _typed("float", "WORKER_HEARTBEAT_MAX_AGE", 120.0)
+# Deadline of each /health/ready check (seconds): a dependency slower than this counts as down.
+HEALTH_CHECK_TIMEOUT = _typed("float", "HEALTH_CHECK_TIMEOUT", 2.0)
+# Where every process of this machine keeps its Prometheus samples (prometheus_client's
+# multiprocess mode; ota_site.observability empties it when a new run starts). Per machine, never
+# on a volume shared between machines or containers: the files are named by process id.
+PROMETHEUS_MULTIPROC_DIR = env.str("PROMETHEUS_MULTIPROC_DIR", default="") or str(
+    Path(tempfile.gettempdir())
+    / f"ota-prometheus-{hashlib.sha256(str(VAR_DIR).encode()).hexdigest()[:12]}"
+)
+# prometheus_client reads it from the environment, in this process and in those it forks.
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = PROMETHEUS_MULTIPROC_DIR
+# /metrics answers only `Authorization: Bearer <token>` when set (or METRICS_TOKEN_FILE).
+METRICS_TOKEN = _secret("METRICS_TOKEN") or ""
+# The database gauges of /metrics are recomputed at most this often (seconds).
+METRICS_CACHE_TIMEOUT = _typed("int", "METRICS_CACHE_TIMEOUT", 30)
+# A Celery worker serves its own metrics on this port (0: off), for workers that do not share
+# PROMETHEUS_MULTIPROC_DIR with a web process.
+WORKER_METRICS_PORT = _typed("int", "WORKER_METRICS_PORT", 0)
+WORKER_METRICS_ADDR = env.str("WORKER_METRICS_ADDR", default="0.0.0.0")  # noqa: S104
+# OpenTelemetry traces over OTLP/HTTP (ota_site.telemetry; the `otel` extra). The exporter reads
+# the standard OTEL_EXPORTER_OTLP_ENDPOINT and OTEL_* variables itself.
+OTEL_ENABLED = _typed("bool", "OTEL_ENABLED", False)
+if OTEL_ENABLED and importlib.util.find_spec("opentelemetry.instrumentation.django") is None:
+    CONFIG_ERRORS.append(
+        ("ota.E081", 'OTEL_ENABLED=true needs the otel extra: pip install ".[otel]".')
+    )
+
 CELERY_BEAT_SCHEDULE = {
+    # Proves that beat, the broker and a worker work (ota_site.tasks, /health/ready).
+    "worker-heartbeat": {
+        "task": "ota_site.tasks.worker_heartbeat",
+        "schedule": WORKER_HEARTBEAT_INTERVAL,
+        "options": {"expires": WORKER_HEARTBEAT_INTERVAL},
+    },
     # Re-reads stored firmware and quarantines any whose bytes changed (firmware.tasks).
     "verify-firmware-storage": {
         "task": "firmware.tasks.verify_firmware_storage",
@@ -413,6 +506,12 @@ CELERY_BEAT_SCHEDULE = {
         # Runs that wait too long are dropped rather than piling up behind a busy worker (each
         # one judges everything anew); but not so soon that a loaded worker never gets to one.
         "options": {"expires": max(10 * ROLLOUT_EVALUATION_INTERVAL, 30.0)},
+    },
+    # Moves sessions older than SESSION_ARCHIVE_DAYS to archive files (rollouts.archive).
+    "archive-old-sessions": {
+        "task": "rollouts.tasks.archive_old_sessions",
+        "schedule": 24 * 3600,
+        "options": {"expires": 12 * 3600},
     },
 }
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celery" / "beat-schedule")
@@ -496,11 +595,30 @@ TIME_ZONE = "UTC"
 USE_I18N = True
 USE_TZ = True
 
+# text: plain lines (the embedded mode's default); json: one JSON object per line with the
+# request id (ota_site.logging), what log collectors want; .env.example sets it for production.
+LOG_FORMAT = env.str("LOG_FORMAT", default="") or "text"
+if LOG_FORMAT not in {"text", "json"}:
+    CONFIG_ERRORS.append(("ota.E080", f"LOG_FORMAT={LOG_FORMAT!r} is not 'text' or 'json'."))
+    LOG_FORMAT = "text"
+# One line per request on the ota.access logger (method, route, status, duration, request id,
+# client address); on by default with JSON logs, where it replaces gunicorn's access log.
+ACCESS_LOG = _typed("bool", "ACCESS_LOG", LOG_FORMAT == "json")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "formatters": {
+        "text": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+        "json": {"()": "ota_site.logging.JsonFormatter"},
+    },
+    "filters": {"context": {"()": "ota_site.logging.ContextFilter"}},
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": LOG_FORMAT,
+            "filters": ["context"] if LOG_FORMAT == "json" else [],
+        }
+    },
     "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
     "loggers": {"django.request": {"level": "ERROR"}},
 }

@@ -10,7 +10,7 @@ from rest_framework.routers import SimpleRouter
 from devices.api import views as devices
 from firmware.api import tuf_views
 from firmware.api import views as firmware
-from metrics import views as metrics
+from metrics import health, prometheus
 from ota_site import api as core
 from rollouts.api import rollout_views
 from rollouts.api import views as rollouts
@@ -130,7 +130,9 @@ urlpatterns = [
     path("api/v1/", include(api_v1)),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
-    path("health", metrics.health, name="health"),
+    path("health", health.health, name="health"),
+    path("health/ready", health.ready, name="health-ready"),
+    path("metrics", prometheus.metrics_view, name="prometheus-metrics"),
     # TUF metadata with consistent snapshots (firmware/api/tuf_views.py).
     path("tuf/metadata/timestamp.json", tuf_views.TimestampView.as_view(), name="tuf-timestamp"),
     re_path(

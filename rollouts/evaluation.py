@@ -24,6 +24,7 @@ from django.utils import timezone
 from devices.models import Device, DeviceStatus
 from firmware.models import Firmware
 from ota_site import cache
+from ota_site.db import analytics
 from ota_site.errors import StateConflict
 from ota_site.models import EventKind
 from ota_site.versions import version_key
@@ -392,7 +393,9 @@ def rollout_metrics(rollout: Rollout) -> dict[str, Any]:
     key = f"rollout-populations:{rollout.id}:{rollout.current_stage}"
     populations = cache.get(key)
     if populations is cache.MISSING:
-        populations = targeting.with_bucket(targeting.targeted_devices(rollout), rollout).aggregate(
+        # On the read replica when there is one (ota_site.db): a count may lag by a moment.
+        targeted = targeting.targeted_devices(rollout).using(analytics())
+        populations = targeting.with_bucket(targeted, rollout).aggregate(
             targeted=Count("id"), **slices
         )
         cache.set(key, populations, settings.ROLLOUT_METRICS_CACHE_TIMEOUT)

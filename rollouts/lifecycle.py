@@ -319,7 +319,11 @@ def _transition(
     action: str,
 ) -> Rollout:
     """Lock the row and check its status: the compare-and-set every transition starts with."""
-    locked = Rollout.objects.select_for_update().select_related("firmware").get(pk=rollout.pk)
+    locked = (
+        Rollout.objects.select_for_update(of=("self",))
+        .select_related("firmware")
+        .get(pk=rollout.pk)
+    )
     if locked.status not in allowed:
         raise StateConflict(
             f"The rollout is {locked.status}; it cannot be {action}.",

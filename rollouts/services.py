@@ -45,7 +45,9 @@ class ReportResult:
 
 def _locked_session(device_id: Any, session_uuid: Any) -> UpdateSession:
     session = (
-        UpdateSession.objects.select_for_update()
+        # Lock the session row only: FOR UPDATE on the join would also lock the firmware row,
+        # which every concurrent report of that firmware shares (and deadlocks on).
+        UpdateSession.objects.select_for_update(of=("self",))
         .select_related("firmware")
         .filter(uuid=session_uuid, device_id=device_id)
         .first()

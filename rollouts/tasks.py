@@ -6,8 +6,9 @@ import logging
 from typing import Any
 
 from celery import shared_task
+from django.conf import settings
 
-from rollouts import evaluation
+from rollouts import archive, evaluation
 
 logger = logging.getLogger(__name__)
 
@@ -33,3 +34,22 @@ def evaluate_rollout(rollout_id: Any) -> str:
     if action:
         logger.info("rollout %s: %s", rollout_id, action)
     return action
+
+
+@shared_task(ignore_result=True)
+def archive_old_sessions() -> None:
+    """Run by beat once a day: archive sessions that finished more than SESSION_ARCHIVE_DAYS
+    days ago (rollouts.archive); 0 or less turns it off. Each batch commits on its own, so a run
+    cut short (a worker restart) loses nothing and the next one continues; a second run at the
+    same time takes other rows."""
+    days = settings.SESSION_ARCHIVE_DAYS
+    if days <= 0:
+        return
+    result = archive.archive_sessions(older_than_days=days, actor="celery:archive_old_sessions")
+    if result.sessions:
+        logger.info(
+            "archived %d sessions finished before %s into %d files",
+            result.sessions,
+            result.before.isoformat(),
+            len(result.files),
+        )

@@ -4,6 +4,7 @@ append-only in the ORM and in PostgreSQL; browsable in admin and filterable thro
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
 from io import StringIO
 from typing import Any
 
@@ -168,9 +169,13 @@ def test_postgresql_refuses_update_and_delete(device_a: DeviceActor) -> None:
         with refused, transaction.atomic(), connection.cursor() as cursor:
             cursor.execute(sql, [event.pk])
     assert Event.objects.filter(pk=event.pk, actor=event.actor).exists()
-    # The archive escape: a transaction that says so may delete (never update).
+    # The prune's escape (ota_site.archive.prune_events): rows older than the time its
+    # transaction names may be deleted (never updated). tests/test_archival.py has the rest.
     with transaction.atomic(), connection.cursor() as cursor:
-        cursor.execute("SET LOCAL ota.archive_events = 'on'")
+        cursor.execute(
+            "SELECT set_config('ota.prune_events_before', %s, true)",
+            [(event.created_at + timedelta(seconds=1)).isoformat()],
+        )
         cursor.execute("DELETE FROM ota_site_event WHERE id = %s", [event.pk])
     assert not Event.objects.filter(pk=event.pk).exists()
 

@@ -174,8 +174,8 @@ def test_embedded_mode_needs_no_service(tmp_path: Path) -> None:
     env = server_env(tmp_path)
     prepare(env)
     with gunicorn(env) as base:
-        health = requests.get(f"{base}/health", timeout=5).json()
-        assert health == {"status": "ok", "database": "ok"}
+        ready = requests.get(f"{base}/health/ready?check=database,storage", timeout=5).json()
+        assert ready["status"] == "ok" and set(ready["checks"]) == {"database", "storage"}
         device_flow(base, env)
     assert (tmp_path / "db.sqlite3").is_file()
     assert list((tmp_path / "media" / "firmware").rglob("image.bin"))

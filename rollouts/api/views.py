@@ -17,6 +17,7 @@ from rest_framework.views import APIView
 from devices import services as device_services
 from firmware import services as firmware_services
 from ota_site.auth import DeviceJWTAuthentication
+from ota_site.observability import count_update_check
 from ota_site.permissions import IsDevice, RoleByMethod, check_own_device
 from rollouts import poll, services
 from rollouts.api.serializers import (
@@ -55,7 +56,9 @@ class UpdateCheckView(DeviceView):
 
     @extend_schema(responses={200: UpdateCheckSerializer})
     def get(self, request: Request, device_id: Any = None) -> Response:
-        offer = poll.check_for_update(
+        offer = count_update_check(
+            "api",
+            poll.check_for_update,
             self.device_id(request, device_id),
             generation=request.user.generation,  # type: ignore[union-attr]
         )

@@ -25,6 +25,7 @@ from devices.models import Device
 from firmware.downloads import serve_firmware
 from firmware.models import Firmware
 from ota_site.errors import ServiceError, json_error
+from ota_site.observability import count_update_check
 from rollouts import poll
 from rollouts import services as session_services
 from rollouts.ddi import feedback as ddi_feedback
@@ -116,7 +117,7 @@ def poll_view(request: HttpRequest, device: Device) -> HttpResponseBase:
         device_services.mark_seen(device.id, device.last_seen)
         links["cancelAction"] = {"href": f"{base}/cancelAction/{latest['id']}"}
     else:
-        offer = poll.check_for_update(device.id)
+        offer = count_update_check("ddi", poll.check_for_update, device.id)
         if offer.firmware is not None and offer.session_id is not None:
             links["deploymentBase"] = {
                 "href": f"{base}/deploymentBase/{offer.session_id}?c={offer.session_id:x}"

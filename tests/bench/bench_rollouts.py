@@ -149,13 +149,9 @@ def run(size: int, connection) -> dict[str, float]:
 
 
 def write(rows: list[dict[str, float]]) -> None:
-    path = ROOT / "docs" / "performance.md"
-    text = path.read_text() if path.exists() else "# Performance\n"
-    marker = "## Rollout evaluation"
-    head = text.split(marker)[0].rstrip() + "\n\n"
+    from tests.bench.report import replace_section  # ROOT is on sys.path once main() ran
+
     lines = [
-        marker,
-        "",
         f"Measured by `make bench` on {time.strftime('%Y-%m-%d')} on this machine (2 cores, "
         "PostgreSQL 15 on 127.0.0.1). A 10% -> 50% -> 100% rollout whose first stage has "
         "finished successfully; *evaluate* is one `evaluate_rollout` that judges the stage and "
@@ -180,10 +176,8 @@ def write(rows: list[dict[str, float]]) -> None:
         "device once (an md5 bucket per row) and grow linearly: about 6.6 s at 1M devices here, "
         "which is why the console must not poll them often (caching them is future work). "
         "Nothing loops over devices in Python.",
-        "",
     ]
-    path.write_text(head + "\n".join(lines))
-    print(f"wrote {path}")
+    replace_section(ROOT / "docs" / "performance.md", "Rollout evaluation", "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -223,7 +223,11 @@ def test_failing_installs_stop_the_first_stage_and_roll_updated_devices_back(
     back = simulate(server, token, tmp_path / "fleet", 100, until_version="1.0.0", duration=60)
     metrics = server.metrics(rollout)
     rollbacks = metrics["rollback_sessions"]
-    assert rollbacks["success"] + rollbacks["failed"] == updated, metrics
+    # Each device that took 1.1.0 got one rollback: those whose session succeeded, and those
+    # whose session the rollback cancelled while they were installing, who run 1.1.0 all the
+    # same (how many depends on timing: more when the machine is loaded).
+    cancelled = sum(stage["sessions"]["cancelled"] for stage in metrics["stages"])
+    assert updated <= rollbacks["success"] + rollbacks["failed"] <= updated + cancelled, metrics
     stuck = rollbacks["failed"]
     expected = {"1.0.0": 100 - stuck, **({"1.1.0": stuck} if stuck else {})}
     assert back.versions == expected, back

@@ -58,6 +58,7 @@ class Command(BaseCommand):
         listing.add_argument("--json", action="store_true", help="Print a JSON array.")
         revoke = sub.add_parser("revoke", help="Revoke a key at once.")
         revoke.add_argument("prefix", help="The key's prefix (the 8 hex digits after ota_).")
+        revoke.add_argument("--json", action="store_true", help="Print one JSON object.")
 
     def handle(self, *args: Any, **options: Any) -> None:
         action = options["action"]
@@ -66,7 +67,7 @@ class Command(BaseCommand):
         elif action == "list":
             self.list(options)
         else:
-            self.revoke(options["prefix"])
+            self.revoke(options["prefix"], as_json=options["json"])
 
     def create(self, options: dict[str, Any]) -> None:
         days = options["expires_days"]
@@ -111,12 +112,16 @@ class Command(BaseCommand):
                 f"{r['prefix']}  {r['role']:<8}  {r['state']:<7}  {r['name']}  ({used})"
             )
 
-    def revoke(self, prefix: str) -> None:
+    def revoke(self, prefix: str, *, as_json: bool) -> None:
         key = ApiKey.objects.filter(prefix=prefix.strip().removeprefix("ota_")[:16]).first()
         if key is None:
             raise CommandError(f"No API key with prefix {prefix!r}.")
-        if key.revoked_at is not None:
+        already = key.revoked_at is not None
+        if not already:
+            key = apikeys.revoke_api_key(key, actor=ACTOR)
+        if as_json:
+            self.stdout.write(json.dumps({**key_record(key), "already_revoked": already}))
+        elif already:
             self.stdout.write(f"{key.prefix} was revoked already ({_iso(key.revoked_at)}).")
-            return
-        apikeys.revoke_api_key(key, actor=ACTOR)
-        self.stdout.write(f"Revoked {key.prefix} ({key.name}).")
+        else:
+            self.stdout.write(f"Revoked {key.prefix} ({key.name}).")
