@@ -558,8 +558,7 @@ def test_internal_locations_are_not_reachable_from_outside(
 
 @pytest.mark.django_db
 def test_the_ca_bundle_is_a_placeholder_until_the_device_ca_exists(tmp_path: Path) -> None:
-    from devices import certificates
-    from ota_site.deploy import ca_bundle
+    from devices import ca_bundle, certificates
 
     path = tmp_path / "ca" / "device-ca.pem"
     assert ca_bundle.main([str(path)]) == 0

@@ -1,6 +1,6 @@
 """Write the device CA bundle that nginx's ssl_client_certificate names.
 
-    python -m ota_site.deploy.ca_bundle /etc/ota/ca/device-ca.pem
+    python -m devices.ca_bundle /etc/ota/ca/device-ca.pem
 
 It holds every CA still trusted (as `manage.py device_ca export-cert` prints). Before
 `manage.py device_ca init` there is none, yet nginx will not start without the file; then it
@@ -62,7 +62,7 @@ def write(path: Path, text: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m ota_site.deploy.ca_bundle",
+        prog="python -m devices.ca_bundle",
         description="Write the device CA bundle for nginx (a placeholder CA before device_ca "
         "init).",
     )
