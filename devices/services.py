@@ -6,12 +6,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from datetime import datetime, timedelta
+import uuid
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.models import User
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import F, ProtectedError, Q
 from django.utils import timezone
 
@@ -21,6 +22,7 @@ from devices.models import (
     DeviceStatus,
     EnrollmentToken,
 )
+from ota_site import presence
 from ota_site.auth import issue_device_token
 from ota_site.errors import NotAllowed, ServiceError, StateConflict
 from ota_site.events import actor_of, created, diff, record_event
@@ -230,9 +232,14 @@ def check_credentials(device: Device, generation: int) -> None:
     Free on every endpoint that reads the device row anyway: such a device is locked out at once
     there, and everywhere else when its token expires (DEVICE_JWT_LIFETIME).
     """
-    if device.revoked_at is not None:
+    check_credential_values(device.revoked_at, device.credential_generation, generation)
+
+
+def check_credential_values(revoked_at: Any, stored_generation: int, generation: int) -> None:
+    """check_credentials on the two columns, read by a query that joined them in."""
+    if revoked_at is not None:
         raise AuthenticationError("This device has been revoked.", code="device_revoked")
-    if device.credential_generation != generation:
+    if stored_generation != generation:
         raise AuthenticationError(
             "The device's credentials were reset; enroll again.", code="credentials_reset"
         )
@@ -247,12 +254,7 @@ def check_credentials_current(device_id: Any, generation: int) -> None:
     )
     if row is None:
         raise AuthenticationError("This device no longer exists.", code="device_not_found")
-    if row[1] is not None:
-        raise AuthenticationError("This device has been revoked.", code="device_revoked")
-    if row[0] != generation:
-        raise AuthenticationError(
-            "The device's credentials were reset; enroll again.", code="credentials_reset"
-        )
+    check_credential_values(row[1], row[0], generation)
 
 
 def reset_credentials(device: Device, *, actor: Any = None) -> None:
@@ -269,19 +271,69 @@ def reset_credentials(device: Device, *, actor: Any = None) -> None:
 
 
 def mark_seen(device_id: Any, last_seen: datetime | None) -> bool:
-    """Write last_seen at most once per DEVICE_LAST_SEEN_INTERVAL per device (coalesced).
+    """Note that the device was seen now; False when ``last_seen`` (what the caller already
+    read) is fresh enough, within DEVICE_LAST_SEEN_INTERVAL.
 
-    ``last_seen`` is the value the caller already read, so a fresh device costs no query; the
-    conditional UPDATE keeps several web workers from writing the same minute twice.
+    With Redis, the sighting goes to ``ota_site.presence``'s buffer (often already there: the
+    rate limiter records it on its way) and ``flush_last_seen`` writes it to the row. Without
+    Redis, or while Redis fails, the row is written here, and the conditional UPDATE keeps several
+    web workers from writing the same minute twice.
     """
     now = timezone.now()
     stale_before = now - timedelta(seconds=settings.DEVICE_LAST_SEEN_INTERVAL)
     if last_seen is not None and last_seen >= stale_before:
         return False
+    if presence.recorded(device_id) or (presence.enabled() and presence.note(device_id)):
+        return True
     Device.objects.filter(
         Q(last_seen__isnull=True) | Q(last_seen__lt=stale_before), pk=device_id
     ).update(last_seen=now)
     return True
+
+
+# Sightings written per statement by flush_last_seen.
+FLUSH_BATCH = 5000
+
+
+def flush_last_seen() -> int:
+    """Write the buffered sightings (``ota_site.presence``) to ``Device.last_seen``; how many.
+
+    One UPDATE per FLUSH_BATCH devices, which never moves ``last_seen`` backwards (a late flush,
+    or a heartbeat that wrote the row meanwhile). Safe to run twice at once and after a crash:
+    the sightings are dropped from Redis only after the commit.
+    """
+    if not presence.enabled():
+        return 0
+    taken = presence.take()
+    rows: list[tuple[uuid.UUID, datetime]] = []
+    for device_id, seen in taken.items():
+        try:
+            rows.append((uuid.UUID(device_id), datetime.fromtimestamp(seen, tz=UTC)))
+        except (ValueError, OverflowError, OSError):
+            continue  # not a device id or a time: nothing of ours wrote it
+    with transaction.atomic():
+        for start in range(0, len(rows), FLUSH_BATCH):
+            _write_last_seen(rows[start : start + FLUSH_BATCH])
+    presence.done()
+    return len(rows)
+
+
+def _write_last_seen(rows: list[tuple[uuid.UUID, datetime]]) -> None:
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute(
+                """
+                UPDATE devices_device AS d SET last_seen = v.seen
+                FROM unnest(%s::uuid[], %s::timestamptz[]) AS v(id, seen)
+                WHERE d.id = v.id AND (d.last_seen IS NULL OR d.last_seen < v.seen)
+                """,
+                [[row[0] for row in rows], [row[1] for row in rows]],
+            )
+        return
+    for device_id, seen in rows:  # SQLite with Redis: a small installation
+        Device.objects.filter(
+            Q(last_seen__isnull=True) | Q(last_seen__lt=seen), pk=device_id
+        ).update(last_seen=seen)
 
 
 def record_heartbeat(

@@ -339,7 +339,7 @@ def published_firmware(device_type: str, version: str) -> PublishedFirmware | No
     except ValueError:
         return None
     key = _published_key(device_type, key_of_version)
-    cached = cache.get(key)
+    cached = cache.get(key, local=True)
     if cached == _NONE:
         return None
     if cached is not cache.MISSING:
@@ -368,12 +368,12 @@ def published_firmware(device_type: str, version: str) -> PublishedFirmware | No
         .first()
     )
     if firmware is None:
-        cache.set(key, _NONE, 60)
+        cache.set(key, _NONE, 60, local=True)
         return None
     info = as_published(firmware)
-    cache.set(key, info, settings.FIRMWARE_CACHE_TIMEOUT)
+    cache.set(key, info, settings.FIRMWARE_CACHE_TIMEOUT, local=True)
     # The poll looks the same firmware up by id while a session is open: fill both entries.
-    cache.set(_by_id_key(firmware.id), info, settings.FIRMWARE_CACHE_TIMEOUT)
+    cache.set(_by_id_key(firmware.id), info, settings.FIRMWARE_CACHE_TIMEOUT, local=True)
     return info
 
 
@@ -384,7 +384,7 @@ def _by_id_key(firmware_id: Any) -> str:
 def published_firmware_by_id(firmware_id: Any) -> PublishedFirmware | None:
     """A published firmware by id, cached like published_firmware (it never changes)."""
     key = _by_id_key(firmware_id)
-    cached = cache.get(key)
+    cached = cache.get(key, local=True)
     if cached is not cache.MISSING and cached != _NONE:
         return cached
     firmware = Firmware.objects.filter(
@@ -393,7 +393,7 @@ def published_firmware_by_id(firmware_id: Any) -> PublishedFirmware | None:
     if firmware is None:
         return None
     info = as_published(firmware)
-    cache.set(key, info, settings.FIRMWARE_CACHE_TIMEOUT)
+    cache.set(key, info, settings.FIRMWARE_CACHE_TIMEOUT, local=True)
     return info
 
 
@@ -411,7 +411,7 @@ def offer_keys(key_id: str) -> OfferKeys:
 
 def remember_published(info: PublishedFirmware) -> None:
     """Warm the by-id entry for firmware another cache already described (live rollouts)."""
-    cache.set(_by_id_key(info["id"]), info, settings.FIRMWARE_CACHE_TIMEOUT)
+    cache.set(_by_id_key(info["id"]), info, settings.FIRMWARE_CACHE_TIMEOUT, local=True)
 
 
 def as_published(firmware: Firmware) -> PublishedFirmware:

@@ -70,6 +70,7 @@ def check_configuration(app_configs: Any = None, **kwargs: Any) -> list[checks.C
     errors.extend(_check_ddi())
     for name in (
         "DEVICE_LAST_SEEN_INTERVAL",
+        "DEVICE_LAST_SEEN_FLUSH_INTERVAL",
         "DEVICE_POLL_INTERVAL",
         "DEVICE_ONLINE_WINDOW",
         "ROLLOUT_EVALUATION_INTERVAL",
@@ -79,6 +80,8 @@ def check_configuration(app_configs: Any = None, **kwargs: Any) -> list[checks.C
     ):
         if getattr(settings, name) <= 0:
             errors.append(checks.Error(f"{name} must be positive.", id="ota.E009"))
+    if settings.CACHE_LOCAL_SECONDS < 0:
+        errors.append(checks.Error("CACHE_LOCAL_SECONDS must not be negative.", id="ota.E009"))
     return errors
 
 

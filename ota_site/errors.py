@@ -7,10 +7,12 @@ validation failures and maps each field to its messages.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.core.exceptions import RequestDataTooBig, SuspiciousOperation, TooManyFieldsSent
+from django.db import InterfaceError, OperationalError
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.views import defaults
 from rest_framework import exceptions, status
@@ -109,12 +111,47 @@ def json_error(status_code: int, code: str, detail: str) -> JsonResponse:
 
 def not_found(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
     """JSON under /api/ (and for devices, wherever they ask); Django's page elsewhere."""
-    if request.path.startswith("/api/") or "/controller/v1/" in request.path:
+    if _is_machine_path(request):
         return json_error(404, "not_found", "Not found.")
     return defaults.page_not_found(request, exception or Http404())
 
 
+# Seconds a client is asked to wait when the database is away (a restart, a failover).
+DATABASE_RETRY_AFTER = 5
+
+
+def database_unavailable(exc: BaseException | None) -> bool:
+    """The database could not be reached or dropped the connection: a fault of the moment, not
+    of the request. Django raises OperationalError for a refused or broken connection (and for a
+    pool with no connection to give), InterfaceError for a connection already closed."""
+    return isinstance(exc, OperationalError | InterfaceError)
+
+
 def server_error(request: HttpRequest) -> HttpResponse:
-    if request.path.startswith("/api/") or "/controller/v1/" in request.path:
+    """Django's handler500, called while the exception is being handled.
+
+    A database that is away is answered with 503 and Retry-After rather than 500: the client
+    should simply come back (devices do), and Django replaces the broken connection before the
+    next request. The error is still logged with its traceback, never shown to the client.
+    """
+    if database_unavailable(sys.exception()):
+        response: HttpResponse
+        if _is_machine_path(request):
+            response = json_error(
+                503, "unavailable", "The service is temporarily unavailable; retry later."
+            )
+        else:
+            response = HttpResponse(
+                "The service is temporarily unavailable; retry in a few seconds.",
+                status=503,
+                content_type="text/plain; charset=utf-8",
+            )
+        response["Retry-After"] = str(DATABASE_RETRY_AFTER)
+        return response
+    if _is_machine_path(request):
         return json_error(500, "server_error", "Internal server error.")
     return defaults.server_error(request)
+
+
+def _is_machine_path(request: HttpRequest) -> bool:
+    return request.path.startswith("/api/") or "/controller/v1/" in request.path

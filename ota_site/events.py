@@ -12,14 +12,18 @@ them).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import os
+import threading
 import uuid
 from collections.abc import Mapping
+from concurrent.futures import Future
 from typing import Any
 
 from asgiref.sync import async_to_sync
-from channels.layers import get_channel_layer
+from channels.layers import InMemoryChannelLayer, get_channel_layer
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import models, transaction
 
@@ -79,11 +83,72 @@ def publish(event: Event) -> None:
     if event.rollout_id:
         groups.append(rollout_group(event.rollout_id))
     message = {"type": "event.created", "event_id": event.id}
-    try:
-        for group in groups:
-            async_to_sync(layer.group_send)(group, message)
-    except Exception:  # the event row is the truth; streams catch up from it
-        logger.warning("could not publish event %s", event.id, exc_info=True)
+    if isinstance(layer, InMemoryChannelLayer):
+        # The embedded mode's layer lives in this process and its receivers' loop: send inline.
+        try:
+            async_to_sync(_send_to_groups)(layer, groups, message)
+        except Exception:  # the event row is the truth; streams catch up from it
+            logger.warning("could not publish event %s", event.id, exc_info=True)
+        return
+    _publisher().send(layer, groups, message)
+
+
+async def _send_to_groups(layer: Any, groups: list[str], message: dict[str, Any]) -> None:
+    for group in groups:
+        await layer.group_send(group, message)
+
+
+class _Publisher:
+    """Sends stream wake-ups from one event loop of its own, in a daemon thread.
+
+    From a sync worker, ``async_to_sync`` would start a new event loop per publish, and the Redis
+    channel layer keeps its connections per loop: every event opened a new Redis connection,
+    which was most of a device status report's cost (docs/performance.md). This loop keeps its
+    connections, and the caller does not wait: a wake-up is a hint (consumers replay from the
+    rows and poll on a timer too), so one lost at shutdown or while Redis is away costs nothing.
+    At most MAX_PENDING wait; more are dropped while Redis is slow.
+    """
+
+    MAX_PENDING = 1000
+
+    def __init__(self) -> None:
+        self.pending = 0
+        self.lock = threading.Lock()  # pending is changed by the caller's and the loop's threads
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, name="ota-publish", daemon=True).start()
+
+    def send(self, layer: Any, groups: list[str], message: dict[str, Any]) -> None:
+        with self.lock:
+            if self.pending >= self.MAX_PENDING:
+                logger.warning("stream wake-up dropped: %d still wait for Redis", self.pending)
+                return
+            self.pending += 1
+        future = asyncio.run_coroutine_threadsafe(
+            _send_to_groups(layer, groups, message), self.loop
+        )
+        future.add_done_callback(self._done)
+
+    def _done(self, future: Future[None]) -> None:
+        with self.lock:
+            self.pending -= 1
+        if not future.cancelled() and future.exception() is not None:
+            logger.warning("could not publish a stream wake-up: %s", future.exception())
+
+
+_publishers: dict[int, _Publisher] = {}
+_publisher_lock = threading.Lock()
+
+
+def _publisher() -> _Publisher:
+    """This process's publisher (a forked child makes its own: threads do not survive a fork)."""
+    pid = os.getpid()
+    publisher = _publishers.get(pid)
+    if publisher is None:
+        with _publisher_lock:
+            publisher = _publishers.get(pid)
+            if publisher is None:
+                publisher = _publishers[pid] = _Publisher()
+    return publisher
 
 
 def actor_of(user: Any) -> str:

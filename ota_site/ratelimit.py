@@ -9,8 +9,9 @@ carries a valid device access token, that device. A hawkBit DDI device's request
 limit applies to them.
 
 Each bucket is a fixed window that starts with the bucket's first request and lasts the limit's
-period. With ``REDIS_URL`` both buckets are counted in one MULTI/EXEC round trip (INCR, EXPIRE NX,
-PTTL per bucket: the poll is the hot path, see DESIGN.md "Performance model"); without Redis (the
+period. With ``REDIS_URL`` both buckets are counted in one round trip, by an atomic Lua script
+(INCR, PTTL and, on a window's first hit, EXPIRE per bucket: the poll is the hot path, see DESIGN.md
+"Performance model"); without Redis (the
 embedded mode, several gunicorn workers) in a SQLite file under ``OTA_VAR_DIR`` that every process
 shares. When Redis cannot be reached the limiter fails open: requests are served and a warning is
 logged at most once a minute. An outage of a counter must not take the fleet's update path down,
@@ -34,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import redis
 from django.conf import settings
@@ -122,9 +123,19 @@ class Count:
         return max(math.ceil(self.seconds_left), 1)
 
 
+@dataclass(frozen=True)
+class Sighting:
+    """A device seen by this request, for ``ota_site.presence``'s hash at ``key``."""
+
+    key: str
+    device_id: str
+    at: float  # epoch seconds
+
+
 class Counter(Protocol):
-    def hit(self, buckets: list[Bucket]) -> list[Count]:
-        """Count one request in each bucket. Raises on a backend failure."""
+    def hit(self, buckets: list[Bucket], seen: Sighting | None = None) -> list[Count]:
+        """Count one request in each bucket (and record the sighting, where the counter can).
+        Raises on a backend failure."""
         ...
 
 
@@ -135,45 +146,87 @@ class CounterUnavailable(Exception):
     """The counter's backend failed recently and is not tried again yet."""
 
 
+# One atomic server-side step per request: for each bucket, count the hit, start the window on
+# its first hit (or on a key that lost its expiry), and report the time left. A script, rather
+# than MULTI with INCR, EXPIRE NX and PTTL per bucket, because it answers with one flat reply
+# instead of six, which halves the limiter's cost on the poll (docs/performance.md). Atomic like
+# MULTI: an INCR is never left without its EXPIRE, which would lock a device out for good.
+_HIT_SCRIPT = """
+local buckets = tonumber(ARGV[1])
+local out = {}
+for i = 1, buckets do
+  local key = KEYS[i]
+  local count = redis.call('INCR', key)
+  local left = redis.call('PTTL', key)
+  if left < 0 then
+    redis.call('EXPIRE', key, ARGV[i + 1])
+    left = tonumber(ARGV[i + 1]) * 1000
+  end
+  out[2 * i - 1] = count
+  out[2 * i] = left
+end
+if #KEYS > buckets then
+  -- A device's sighting (ota_site.presence): device id -> time, flushed to last_seen later.
+  redis.call('HSET', KEYS[buckets + 1], ARGV[buckets + 2], ARGV[buckets + 3])
+end
+return out
+"""
+
+
 class RedisCounter:
     def __init__(self, url: str) -> None:
-        # No retries: a retried MULTI could count twice, and a slow answer is worse than none.
-        self.client = redis.Redis.from_url(
-            url,
-            socket_connect_timeout=REDIS_TIMEOUT,
-            socket_timeout=REDIS_TIMEOUT,
-            retry=Retry(NoBackoff(), 0),
-        )
+        self.client = redis_client(url)
+        # EVALSHA, loading the script again if the server has lost it (a restart).
+        self.script = self.client.register_script(_HIT_SCRIPT)
         self.skip_until = 0.0
 
-    def hit(self, buckets: list[Bucket]) -> list[Count]:
+    def hit(self, buckets: list[Bucket], seen: Sighting | None = None) -> list[Count]:
         if time.monotonic() < self.skip_until:
             raise CounterUnavailable(f"Redis failed less than {REDIS_BACKOFF:.0f} s ago")
-        # MULTI/EXEC, not a bare pipeline: an INCR applied without its EXPIRE (a connection cut
-        # in between) would leave a counter that never resets and locks a device out for good.
-        pipe = self.client.pipeline(transaction=True)
-        for bucket in buckets:
-            pipe.incr(bucket.key)
-            pipe.expire(bucket.key, bucket.rate.window, nx=True)  # the first hit starts it
-            pipe.pttl(bucket.key)
+        keys = [bucket.key for bucket in buckets]
+        args: list[Any] = [len(buckets), *(bucket.rate.window for bucket in buckets)]
+        if seen is not None:
+            keys.append(seen.key)
+            args += [seen.device_id, f"{seen.at:.3f}"]
         try:
-            results = pipe.execute()
+            results = self.script(keys=keys, args=args)
         except redis.RedisError:
             self.skip_until = time.monotonic() + REDIS_BACKOFF
             raise
         counts = []
         for index, bucket in enumerate(buckets):
-            count, _, pttl = results[3 * index : 3 * index + 3]
+            count, pttl = results[2 * index : 2 * index + 2]
             left = pttl / 1000 if pttl > 0 else float(bucket.rate.window)
             counts.append(Count(bucket, int(count), left))
         return counts
+
+
+_redis_clients: dict[str, redis.Redis] = {}
+
+
+def redis_client(url: str) -> redis.Redis:
+    """One client (and connection pool) per process and URL for the per-request Redis work: it
+    fails fast and never retries (a retried script could count twice, and a slow answer is worse
+    than none)."""
+    client = _redis_clients.get(url)
+    if client is None:
+        client = _redis_clients.setdefault(
+            url,
+            redis.Redis.from_url(
+                url,
+                socket_connect_timeout=REDIS_TIMEOUT,
+                socket_timeout=REDIS_TIMEOUT,
+                retry=Retry(NoBackoff(), 0),
+            ),
+        )
+    return client
 
 
 _redis_counters: dict[str, RedisCounter] = {}
 
 
 def _redis_counter(url: str) -> RedisCounter:
-    """One client (and connection pool) per process and URL, made on first use."""
+    """One counter per process and URL, made on first use."""
     counter = _redis_counters.get(url)
     if counter is None:
         counter = _redis_counters.setdefault(url, RedisCounter(url))
@@ -217,7 +270,8 @@ class SQLiteCounter:
             self.local.connection = connection
         return connection
 
-    def hit(self, buckets: list[Bucket]) -> list[Count]:
+    def hit(self, buckets: list[Bucket], seen: Sighting | None = None) -> list[Count]:
+        # Sightings are Redis's (ota_site.presence); without Redis, last_seen is written directly.
         connection = self._connection()
         now = time.time()
         counts = []
@@ -288,25 +342,23 @@ def address_subject(request: HttpRequest) -> str:
     return str(ip)
 
 
-def _prefix() -> str:
+def key_prefix() -> str:
     # The cache's prefix (CACHE_KEY_PREFIX), so installations sharing a Redis never share
     # buckets, and each test (which gets its own cache prefix) starts from empty buckets.
     prefix = settings.CACHES.get("default", {}).get("KEY_PREFIX")
     return str(prefix or settings.CACHE_KEY_PREFIX)
 
 
-def buckets_for(request: HttpRequest) -> list[Bucket]:
+def buckets_for(request: HttpRequest, device: str | None) -> list[Bucket]:
     buckets = []
-    prefix = _prefix()
+    prefix = key_prefix()
     ip_rate = _rate_of(settings.RATE_LIMIT_IP)
     if ip_rate is not None:
         subject = address_subject(request)
         buckets.append(Bucket(f"{prefix}:rl:ip:{ip_rate.window}:{subject}", ip_rate))
     device_rate = _rate_of(settings.RATE_LIMIT_DEVICE)
-    if device_rate is not None:
-        device = device_subject(request)
-        if device is not None:
-            buckets.append(Bucket(f"{prefix}:rl:dev:{device_rate.window}:{device}", device_rate))
+    if device_rate is not None and device is not None:
+        buckets.append(Bucket(f"{prefix}:rl:dev:{device_rate.window}:{device}", device_rate))
     return buckets
 
 
@@ -324,16 +376,20 @@ def _warn(message: str, *args: object) -> None:
         logger.warning(message, *args)
 
 
-def count(request: HttpRequest) -> list[Count]:
-    """Count the request in its buckets; [] when no limit applies or the counter is away."""
-    buckets = buckets_for(request)
+def count(
+    request: HttpRequest, device: str | None, seen: Sighting | None = None
+) -> tuple[list[Count], bool]:
+    """Count the request in its buckets (``device``: its device, from device_subject); and
+    record ``seen`` in the same round trip, since one is made anyway. Returns the counts ([] when
+    no limit applies or the counter is away) and whether ``seen`` was recorded."""
+    buckets = buckets_for(request, device)
     if not buckets:
-        return []
+        return [], False
     try:
-        return counter().hit(buckets)
+        return counter().hit(buckets, seen), seen is not None
     except (CounterUnavailable, redis.RedisError, sqlite3.Error, OSError) as exc:
         _warn("rate limits are not enforced: the counter failed (%s: %s)", type(exc).__name__, exc)
-        return []
+        return [], False
 
 
 # --- The middleware ---------------------------------------------------------------------------
@@ -373,11 +429,22 @@ class RateLimitMiddleware:
         path = request.path_info
         if not path.startswith(LIMITED_PREFIXES) and LIMITED_INFIX not in path:
             return self.get_response(request)
-        counts = count(request)
+        # Imported here: settings.py imports this module (see the module's docstring).
+        from ota_site import presence
+
+        limited = _rate_of(settings.RATE_LIMIT_DEVICE) is not None
+        buffering = presence.enabled() and isinstance(counter(), RedisCounter)
+        device = device_subject(request) if limited or buffering else None
+        seen = None
+        if buffering and device is not None:
+            seen = Sighting(presence.key(), device, time.time())
+        counts, recorded = count(request, device if limited else None, seen)
         if any(c.over for c in counts):
             response: HttpResponse = too_many_requests(counts)
         else:
-            response = self.get_response(request)
+            # The poll then knows its last_seen is on its way (devices.services.mark_seen).
+            with presence.noted(device if recorded else None):
+                response = self.get_response(request)
         if counts:
             _add_headers(response, counts)
         return response

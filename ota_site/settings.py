@@ -159,15 +159,20 @@ if _db["ENGINE"] == "django.db.backends.postgresql":
             "timeout": _typed("float", "DATABASE_POOL_TIMEOUT", 10.0),
         }
         _db["CONN_MAX_AGE"] = 0  # the pool keeps connections; Django must not
-        # Check a pooled connection as a request takes it (one round trip, ~30 us here): after a
-        # PostgreSQL restart or failover, each process's idle connection would otherwise fail
-        # one request with a 500.
-        _db["CONN_HEALTH_CHECKS"] = True
     else:
         # Persistent connections: a new connection per request cost ~4x throughput here.
         _db["CONN_MAX_AGE"] = _typed("int", "DATABASE_CONN_MAX_AGE", 600)
-        _db["CONN_HEALTH_CHECKS"] = True
+    # A health check costs a round trip on every request that uses the database. Without it, a
+    # connection broken by a PostgreSQL restart fails its next request with 503 and Retry-After
+    # (ota_site.errors.server_error) and is then replaced; docs/operations.md.
+    _db["CONN_HEALTH_CHECKS"] = _typed("bool", "DATABASE_HEALTH_CHECKS", False)
     _db.setdefault("OPTIONS", {}).setdefault("connect_timeout", 5)
+    if _typed("bool", "DATABASE_PREPARED_STATEMENTS", True):
+        # The device poll's statements are prepared once per connection (ota_site.db.hot_cursor:
+        # planning cost 6x their execution). Off behind a pooler that cannot keep prepared
+        # statements (PgBouncer in transaction mode before 1.21, or without
+        # max_prepared_statements).
+        _db["OPTIONS"].setdefault("prepare_threshold", 2)
 elif _db["ENGINE"] == "django.db.backends.sqlite3":
     # WAL lets the web server and the worker read while one writes; a busy timeout instead of
     # "database is locked" under concurrent writers.
@@ -221,7 +226,7 @@ CACHE_KEY_PREFIX = env.str("CACHE_KEY_PREFIX", default="ota")
 if REDIS_URL:
     CACHES = {
         "default": {
-            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "BACKEND": "ota_site.cache_backend.RedisCache",
             "LOCATION": REDIS_URL,
             "KEY_PREFIX": CACHE_KEY_PREFIX,
             "OPTIONS": {"socket_connect_timeout": 1, "socket_timeout": 1},
@@ -350,6 +355,10 @@ FIRMWARE_SIGNING_KEY_PATH = Path(
     env.str("FIRMWARE_SIGNING_KEY_PATH", default=str(VAR_DIR / "keys" / "firmware-ed25519.pem"))
 )
 FIRMWARE_CACHE_TIMEOUT = _typed("int", "FIRMWARE_CACHE_TIMEOUT", 3600)
+# The live rollouts and published firmware are also kept this long in each process (seconds;
+# ota_site.cache): a poll then needs no Redis read for them, and a change reaches other
+# processes' polls this much later. 0 turns the copies off.
+CACHE_LOCAL_SECONDS = _typed("float", "CACHE_LOCAL_SECONDS", 1.0)
 # Seconds between two storage read-back checks of published firmware (firmware.tasks; daily).
 FIRMWARE_VERIFY_INTERVAL = _typed("float", "FIRMWARE_VERIFY_INTERVAL", 86400.0)
 # Where new firmware signing keys are made: "sealed" (in the database, under the master key) or
@@ -420,6 +429,10 @@ API_KEY_HMAC_KEY = (
     or hashlib.sha256(b"ota-api-key-hmac:" + SECRET_KEY.encode()).hexdigest()
 )
 DEVICE_LAST_SEEN_INTERVAL = _typed("int", "DEVICE_LAST_SEEN_INTERVAL", 60)  # write coalescing
+# With Redis, sightings are buffered there and written to last_seen by a beat task this often
+# (seconds; ota_site.presence). Off: every stale last_seen is written by the request itself.
+DEVICE_LAST_SEEN_BUFFER = _typed("bool", "DEVICE_LAST_SEEN_BUFFER", True)
+DEVICE_LAST_SEEN_FLUSH_INTERVAL = _typed("float", "DEVICE_LAST_SEEN_FLUSH_INTERVAL", 10.0)
 DEVICE_POLL_INTERVAL = _typed("int", "DEVICE_POLL_INTERVAL", 60)  # suggested to clients
 DEVICE_ONLINE_WINDOW = _typed("int", "DEVICE_ONLINE_WINDOW", 600)  # "online" if seen within
 DEVICE_METADATA_MAX_BYTES = _typed("int", "DEVICE_METADATA_MAX_BYTES", 16 * 1024)
@@ -499,6 +512,12 @@ CELERY_BEAT_SCHEDULE = {
         "task": "firmware.tasks.refresh_tuf_metadata",
         "schedule": TUF_REFRESH_INTERVAL,
         "options": {"expires": TUF_REFRESH_INTERVAL},
+    },
+    # Writes the device sightings buffered in Redis to last_seen (devices.tasks).
+    "flush-last-seen": {
+        "task": "devices.tasks.flush_last_seen",
+        "schedule": DEVICE_LAST_SEEN_FLUSH_INTERVAL,
+        "options": {"expires": max(3 * DEVICE_LAST_SEEN_FLUSH_INTERVAL, 30.0)},
     },
     "evaluate-active-rollouts": {
         "task": "rollouts.tasks.evaluate_active_rollouts",

@@ -12,19 +12,15 @@ rollouts; among live rollouts that target a device, the one started first wins.
 from __future__ import annotations
 
 import json
-import threading
 import uuid
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from django.db import DEFAULT_DB_ALIAS, IntegrityError, connection, connections, transaction
-from django.db.backends.base.base import BaseDatabaseWrapper
+from django.db import IntegrityError, connection, transaction
 from django.db.models import JSONField, OuterRef, Subquery
 from django.db.models.functions import JSONObject
-from django.db.models.query import get_related_populators
-from django.db.models.sql.compiler import SQLCompiler
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
@@ -32,6 +28,7 @@ from devices import services as device_services
 from devices.models import Device
 from firmware import services as firmware_services
 from firmware.services import PublishedFirmware
+from ota_site.compiled import CompiledRead
 from ota_site.versions import InvalidVersion, Version
 from rollouts import targeting
 from rollouts.models import OPEN_STATUSES, RolloutStatus, UpdateSession
@@ -121,70 +118,29 @@ def _compare(a: str, b: str) -> int | None:
     return (first > second) - (first < second)
 
 
-# A device id no device has: the placeholder compiled into the read's SQL (see _DeviceRead).
+# A device id no device has: the placeholder compiled into the read's SQL.
 _PLACEHOLDER_ID = uuid.UUID("00000000-0000-4000-8000-0000000000ff")
 
-
-class _DeviceRead:
-    """The poll's one read (device, group and newest session), compiled to SQL once.
-
-    Building and compiling this queryset costs about 1 ms of Python on every poll, several times
-    the query itself (docs/performance.md, "The device poll and its caches"); only the device id
-    changes from poll to poll. So the ORM compiles it once per thread and connection with a
-    placeholder id, and each poll runs that SQL with its own id and turns the row into a Device
-    the way a queryset does (Django's converters, then from_db). The row itself is read on every
-    poll, so an operator's change (assignment, revocation, credentials reset) is seen at once.
-    """
-
-    def __init__(self, db: BaseDatabaseWrapper) -> None:
-        queryset = (
-            Device.objects.select_related("group")
-            .annotate(latest_session=_latest_session_subquery())
-            .filter(pk=_PLACEHOLDER_ID)
-            .order_by()
-        )
-        self.db = db
-        self.compiler: SQLCompiler = queryset.query.get_compiler(connection=db)
-        sql, params = self.compiler.as_sql()
-        placeholder = Device._meta.pk.get_db_prep_value(_PLACEHOLDER_ID, db)
-        positions = [n for n, value in enumerate(params) if value == placeholder]
-        if len(positions) != 1:
-            raise RuntimeError(f"cannot find the device id among the read's parameters: {params}")
-        self.sql, self.params, self.position = sql, list(params), positions[0]
-        select, klass_info = self.compiler.select, self.compiler.klass_info
-        assert klass_info is not None
-        fields = klass_info["select_fields"]
-        self.fields = slice(fields[0], fields[-1] + 1)
-        self.names = [column[0].target.attname for column in select[self.fields]]
-        # (django-stubs describe a later Django, whose function takes a fetch mode too.)
-        self.populators = get_related_populators(klass_info, select, db.alias)  # type: ignore[call-arg]
-        self.latest = self.compiler.annotation_col_map["latest_session"]
-
-    def __call__(self, device_id: Any) -> tuple[Device, Any] | None:
-        params = list(self.params)
-        params[self.position] = Device._meta.pk.get_db_prep_value(device_id, self.db)
-        with self.db.cursor() as cursor:
-            cursor.execute(self.sql, params)
-            rows = cursor.fetchall()
-        for row in self.compiler.results_iter(results=[rows]):
-            device = Device.from_db(self.db.alias, self.names, row[self.fields])
-            for populator in self.populators:
-                populator.populate(row, device)
-            return device, row[self.latest]
-        return None
-
-
-# Per thread: a compiler belongs to the connection (one per thread) it was compiled for.
-_reads = threading.local()
+# The poll's one read (device, group and newest session), compiled once per connection
+# (ota_site.compiled): building this queryset on every poll cost about 1 ms of Python, several
+# times the query itself. The row is read on every poll, so an operator's change (assignment,
+# revocation, credentials reset) is seen at once.
+_device_read: CompiledRead[Device] = CompiledRead(
+    lambda device_id: (
+        Device.objects.select_related("group")
+        .annotate(latest_session=_latest_session_subquery())
+        .filter(pk=device_id)
+        .order_by()
+    ),
+    (Device._meta.pk, _PLACEHOLDER_ID),
+)
 
 
 def read_device(device_id: Any) -> tuple[Device, Any] | None:
     """The device with its group, and its newest session as JSON (see _parse_latest); or None."""
-    db = connections[DEFAULT_DB_ALIAS]
-    read: _DeviceRead | None = getattr(_reads, "read", None)
-    if read is None or read.db is not db:
-        read = _reads.read = _DeviceRead(db)
-    return read(device_id)
+    for device in _device_read(device_id):
+        return device, device.latest_session  # type: ignore[attr-defined]
+    return None
 
 
 def check_for_update(device_id: Any, *, generation: int | None = None) -> Offer:

@@ -76,10 +76,11 @@ def in_stage(queryset: QuerySet[Device], rollout: Rollout, percentage: int) -> Q
 def live_specs() -> list[RolloutSpec]:
     """Active and paused rollouts, oldest start first (the oldest wins a device), cached briefly.
 
-    Every rollout transition clears the cache; the timeout only bounds how long a change made by
-    hand in the database takes to reach devices.
+    Every rollout transition clears the cache (other processes' copies within
+    CACHE_LOCAL_SECONDS); the timeout only bounds how long a change made by hand in the database
+    takes to reach devices.
     """
-    cached = cache.get(LIVE_SPECS_KEY)
+    cached = cache.get(LIVE_SPECS_KEY, local=True)
     if cached is not cache.MISSING:
         return cached
     specs: dict[str, RolloutSpec] = {}
@@ -157,7 +158,7 @@ def live_specs() -> list[RolloutSpec]:
         if row["stages__position"] is not None and row["stages__position"] == spec["stage"]:
             spec["percentage"] = row["stages__percentage"]
     result = list(specs.values())
-    cache.set(LIVE_SPECS_KEY, result, settings.ROLLOUT_CACHE_TIMEOUT)
+    cache.set(LIVE_SPECS_KEY, result, settings.ROLLOUT_CACHE_TIMEOUT, local=True)
     for spec in result:  # polls of devices in these rollouts look their firmware up by id
         firmware_services.remember_published(spec["firmware"])
     return result

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+from django.db import InterfaceError, OperationalError
 from django.test import Client
 from drf_spectacular.generators import SchemaGenerator
+
+from rollouts import poll
 
 
 def test_health_answers_liveness(client: Client, db) -> None:
@@ -95,3 +99,36 @@ def test_s3_mode_redirects_downloads_to_a_short_lived_signed_url(
     # HEAD is answered from the database: size and ETag without touching storage.
     head = device_a.client.head(url)
     assert head.status_code == 200 and head["Content-Length"] == str(published.file_size)
+
+
+@pytest.mark.parametrize("fault", [OperationalError, InterfaceError])
+def test_a_database_that_is_away_is_503_with_retry_after(device_a, monkeypatch, fault) -> None:
+    """No health check per request (a round trip each): a connection broken by a restart fails
+    one request, which the client is told to retry, with no traceback."""
+
+    def broken(device_id):
+        raise fault("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(poll, "read_device", broken)
+    device_a.client.raise_request_exception = False
+    reply = device_a.client.get("/api/v1/updates/check")
+    assert reply.status_code == 503
+    assert reply["Retry-After"] == "5"
+    assert reply.json() == {
+        "code": "unavailable",
+        "detail": "The service is temporarily unavailable; retry later.",
+    }
+
+
+def test_the_console_says_503_too_when_the_database_is_away(operator, monkeypatch) -> None:
+    from django.contrib.auth import middleware
+
+    def broken(request):
+        raise OperationalError("connection refused")
+
+    client = Client(raise_request_exception=False)
+    client.force_login(operator)
+    monkeypatch.setattr(middleware.auth, "get_user", broken)  # type: ignore[attr-defined]
+    reply = client.get("/console/")
+    assert reply.status_code == 503 and reply["Retry-After"] == "5"
+    assert b"Traceback" not in reply.content

@@ -269,7 +269,7 @@ def test_a_poll_between_a_pause_and_its_commit_leaves_no_stale_cache() -> None:
 # Outside a test transaction, so that opening a session is the lone INSERT it is in production
 # (inside one it needs a savepoint around it).
 @pytest.mark.django_db(transaction=True)
-def test_queries_per_poll_with_warm_caches(django_assert_num_queries: Any) -> None:
+def test_queries_per_poll_with_warm_caches(django_assert_num_queries: Any, settings: Any) -> None:
     for version in ("1.0.0", "1.1.0"):
         firmware_services.publish_firmware(FirmwareFactory.create(version=version))
     device_a = enroll("device-a")
@@ -287,6 +287,9 @@ def test_queries_per_poll_with_warm_caches(django_assert_num_queries: Any) -> No
     with django_assert_num_queries(1):
         assert check(device_a)["reason"] == "in_progress"
     Device.objects.filter(pk=device_a.id).update(last_seen=None)
+    with django_assert_num_queries(1):  # last_seen goes to Redis (ota_site.presence)
+        assert check(device_a)["reason"] == "in_progress"
+    settings.DEVICE_LAST_SEEN_BUFFER = False
     with django_assert_num_queries(2):  # the device row; the coalesced last_seen
         assert check(device_a)["reason"] == "in_progress"
 

@@ -120,6 +120,11 @@ class TestDeviceCACommand:
         out = StringIO()
         call_command("device_ca", "export-cert", stdout=out)
         assert out.getvalue() == device_ca.certificate
+        out = StringIO()
+        call_command("device_ca", "export-cert", "--json", stdout=out)
+        exported = json.loads(out.getvalue())
+        assert exported["bundle"] == device_ca.certificate
+        assert [c["fingerprint"] for c in exported["cas"]] == [device_ca.fingerprint]
 
     def test_show_without_a_ca(self, db: Any) -> None:
         with pytest.raises(CommandError, match="device_ca init"):

@@ -6,6 +6,7 @@ through the Django test client, so what is verified is what devices get."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 from collections.abc import Iterator
@@ -243,6 +244,9 @@ def test_root_rotation_needs_a_threshold_of_old_and_new_keys(
     out = tmp_path / "root.json"
     run("export-root", "--out", str(out))
     assert Metadata[Root].from_bytes(out.read_bytes()).signed.version == 2
+    exported = json.loads(run("export-root", "--version", "1", "--out", str(out), "--json"))
+    assert exported["version"] == 1 and exported["path"] == str(out)
+    assert exported["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
 
 
 def init_keys(tmp_path: Path, count: int = 3, threshold: int = 2) -> list[str]:

@@ -12,6 +12,7 @@ from devices import services as device_services
 from devices.models import Device
 from firmware import services as firmware_services
 from firmware.models import Firmware
+from ota_site import presence
 from rollouts.models import SessionStatus, UpdateSession
 from tests.conftest import DeviceActor
 from tests.factories import DeviceGroupFactory, FirmwareFactory
@@ -124,7 +125,26 @@ def test_clearing_the_assignment_cancels_the_open_session(device_a, published) -
     assert UpdateSession.objects.get(uuid=first).status == SessionStatus.CANCELLED
 
 
-def test_the_poll_coalesces_last_seen_writes(device_a: DeviceActor, settings) -> None:
+def test_the_poll_buffers_last_seen_and_the_flush_writes_it(device_a: DeviceActor, settings):
+    settings.DEVICE_LAST_SEEN_INTERVAL = 60
+    old = timezone.now() - timedelta(minutes=5)
+    Device.objects.filter(pk=device_a.id).update(last_seen=old)
+    check(device_a)
+    # Buffered in Redis (ota_site.presence), not written by the poll.
+    assert Device.objects.get(pk=device_a.id).last_seen == old
+    assert str(device_a.id) in presence.take()
+    assert device_services.flush_last_seen() == 1
+    seen = Device.objects.get(pk=device_a.id).last_seen
+    assert seen is not None and seen > old
+    check(device_a)  # fresh now: nothing is buffered again
+    assert device_services.flush_last_seen() == 0
+    assert Device.objects.get(pk=device_a.id).last_seen == seen
+
+
+def test_without_the_buffer_the_poll_writes_last_seen_once_a_minute(
+    device_a: DeviceActor, settings
+) -> None:
+    settings.DEVICE_LAST_SEEN_BUFFER = False
     settings.DEVICE_LAST_SEEN_INTERVAL = 60
     old = timezone.now() - timedelta(minutes=5)
     Device.objects.filter(pk=device_a.id).update(last_seen=old)

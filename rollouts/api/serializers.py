@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import copy
+
 from rest_framework import serializers
 
 from ota_site.validators import validate_version
@@ -88,6 +90,20 @@ class SessionSerializer(serializers.ModelSerializer):
     id = serializers.UUIDField(source="uuid", read_only=True)
     action_id = serializers.IntegerField(source="pk", read_only=True)
     version = serializers.CharField(source="firmware.version", read_only=True)
+
+    def get_fields(self) -> dict[str, serializers.Field]:
+        """The fields are built from the model once per class, then copied for each serializer.
+
+        Building them is most of this serializer's cost, and it answers every device status
+        report (docs/performance.md). They depend on Meta only, never on the instance or context;
+        each serializer still gets its own copies, because DRF binds a field to its parent.
+        """
+        cls = type(self)
+        built = cls.__dict__.get("_built_fields")
+        if built is None:
+            built = super().get_fields()
+            cls._built_fields = built  # type: ignore[attr-defined]
+        return copy.deepcopy(built)
 
     class Meta:
         model = UpdateSession

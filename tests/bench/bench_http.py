@@ -215,13 +215,56 @@ def worker_rss_mib(port: int) -> list[float]:
     return [rss for ppid, rss in processes.values() if ppid in processes]
 
 
+def cpu_seconds() -> dict[str, float]:
+    """CPU time (user + system) used so far by each process of this machine, grouped: the
+    gunicorn workers, PostgreSQL's backends and Redis (wrk's own is not counted: it has exited
+    before the second reading)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    totals: dict[str, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if b"gunicorn" in cmdline:
+            group = "gunicorn"
+        elif name.startswith("postgres"):
+            group = "postgres"
+        elif name.startswith("redis"):
+            group = "redis"
+        else:
+            continue
+        totals[f"{group}:{entry.name}"] = (int(fields[11]) + int(fields[12])) / tick
+    return totals
+
+
+def cpu_per_request(before: dict[str, float], after: dict[str, float], requests: int) -> dict:
+    """Microseconds of CPU per request in each group, between two readings."""
+    spent: dict[str, float] = {"gunicorn": 0.0, "postgres": 0.0, "redis": 0.0}
+    for key, seconds in after.items():
+        spent[key.split(":")[0]] += seconds - before.get(key, 0.0)
+    return {group: seconds / max(requests, 1) * 1e6 for group, seconds in spent.items()}
+
+
 def measure(base: str, folder: Path, checks: Path, reports: Path) -> dict[str, Any]:
     script = folder / "bench.lua"
     script.write_text(LUA)
     # Warm every worker: connections, the pool, caches, imports.
     wrk(base, script, checks, path="/api/v1/updates/check", seconds=3)
-    noop = wrk(base, script, checks, path="/bench/noop")
-    check = wrk(base, script, checks, path="/api/v1/updates/check")
+
+    def saturated(lines: Path, path: str, method: str = "GET") -> dict[str, Any]:
+        before = cpu_seconds()
+        figures = wrk(base, script, lines, method=method, path=path)
+        figures["cpu_us"] = cpu_per_request(before, cpu_seconds(), figures["requests"])
+        return figures
+
+    noop = saturated(checks, "/bench/noop")
+    check = saturated(checks, "/api/v1/updates/check")
     paced = wrk(
         base,
         script,
@@ -230,7 +273,7 @@ def measure(base: str, folder: Path, checks: Path, reports: Path) -> dict[str, A
         connections=PACED_CONNECTIONS,
         delay_ms=PACED_CONNECTIONS * 1000 // PACED_RATE,
     )
-    status = wrk(base, script, reports, method="POST", path="/api/v1/status")
+    status = saturated(reports, "/api/v1/status", method="POST")
     port = int(base.rsplit(":", 1)[1])
     return {
         "noop": noop,
@@ -313,10 +356,12 @@ def write(rows: list[dict[str, Any]]) -> None:
         "machine (2 cores; PostgreSQL 15, Redis 7, gunicorn with 4 sync workers and wrk all on "
         f"it). Saturated runs use 16 connections for {DURATION} s; the paced run asks for "
         f"{PACED_RATE} checks a second. Each device has a finished update session; an update "
-        "check reads the device and its latest session in one query; a device's first check in "
-        "a minute also writes its last_seen. Latencies are wrk's, from send to last byte. The "
-        "paced run is wrk with each connection waiting between requests, close to an open-loop "
-        "load while answers are much faster than the wait; the rate it reached is shown.",
+        "check reads the device and its latest session in one prepared query; its sighting "
+        "(last_seen) goes to Redis in the rate limiter's round trip, and a beat task writes it "
+        "later. A status report moves an open session's progress. Latencies are wrk's, from "
+        "send to last byte. The paced run is wrk with each connection waiting between "
+        "requests, close to an open-loop load while answers are much faster than the wait; the "
+        "rate it reached is shown.",
         "",
         "| devices | no-op view | update check | x no-op | p50 / p95 / p99 saturated | "
         "paced rate | p50 / p95 / p99 paced | status reports | 5xx or errors | worker RSS |",
@@ -336,6 +381,26 @@ def write(rows: list[dict[str, Any]]) -> None:
             f"{ms(paced)} ms | {status['rps']:,.0f}/s | {errors} | "
             f"{sum(rss) / max(len(rss), 1):.0f} MiB |"
         )
+    lines += [
+        "",
+        "CPU per request in the same saturated runs (read from /proc before and after each; "
+        "the machine's other work is not in it):",
+        "",
+        "| devices | request | gunicorn worker | PostgreSQL | Redis | total |",
+        "|---:|---|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        for label, key in (
+            ("no-op view", "noop"),
+            ("update check", "check"),
+            ("status report", "status"),
+        ):
+            cpu = row[key]["cpu_us"]
+            lines.append(
+                f"| {row['devices']:,} | {label} | {cpu['gunicorn']:,.0f} µs | "
+                f"{cpu['postgres']:,.0f} µs | {cpu['redis']:,.0f} µs | "
+                f"{sum(cpu.values()):,.0f} µs |"
+            )
     largest = rows[-1]
     ratio = largest["check"]["rps"] / largest["noop"]["rps"]
     p95 = largest["paced"]["p95_us"] / 1000
@@ -349,14 +414,8 @@ def write(rows: list[dict[str, Any]]) -> None:
         "newest session), whatever the table's size. The no-op view is what gunicorn and "
         "Django's middleware cost; the check adds the rate limiter's Redis round trip and JWT "
         "check, DRF's request handling, the device read on PostgreSQL (which shares the two "
-        "cores), one or two Redis cache reads, the JSON answer, and a last_seen write on a "
-        "device's first poll of the minute (the poll's own share is measured in \"The device "
-        'poll and its caches" below). Next levers: a per-process memo of the live rollouts '
-        "(one Redis read less), the update check as a plain Django view (no DRF), and "
-        "last_seen batched through Redis instead of written per device. Status reports take a "
-        "row lock, write the "
-        "session, the device and an audit event, and publish to the live streams after the "
-        "commit: several times a poll's work, and a lever of its own.",
+        "cores), the decision and the JSON answer. Where that time goes, and why x0.50 is out "
+        'of reach while a poll reads PostgreSQL, is in "What an update check costs" below.',
     ]
     replace_section(ROOT / "docs" / "performance.md", "Device API under load", "\n".join(lines))
 

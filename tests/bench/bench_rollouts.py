@@ -28,9 +28,10 @@ def main() -> None:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "ota_site.settings")
     django.setup()
     from django.conf import settings
+    from django.db import connection
     from django.test.utils import get_runner  # noqa: F401  (keeps the test DB machinery loaded)
 
-    if settings.DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
+    if connection.vendor != "postgresql":
         raise SystemExit("make bench needs DATABASE_URL=postgres://...")
     settings.ROLLOUT_METRICS_CACHE_TIMEOUT = 0  # time the fleet scan, not the cache
     from django.db import connection

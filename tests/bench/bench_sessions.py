@@ -50,8 +50,9 @@ def main() -> None:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "ota_site.settings")
     django.setup()
     from django.conf import settings
+    from django.db import connection
 
-    if settings.DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
+    if connection.vendor != "postgresql":
         raise SystemExit("make bench needs DATABASE_URL=postgres://...")
     from django.test.utils import setup_databases, teardown_databases
 

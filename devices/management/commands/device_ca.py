@@ -54,7 +54,10 @@ class Command(BaseCommand):
         init.add_argument("--json", action="store_true", help="Print one JSON object.")
         show = sub.add_parser("show", help="Describe the trusted CAs and print their PEM.")
         show.add_argument("--json", action="store_true", help="Print one JSON object.")
-        sub.add_parser("export-cert", help="Print only the PEM bundle (for nginx).")
+        export = sub.add_parser("export-cert", help="Print only the PEM bundle (for nginx).")
+        export.add_argument(
+            "--json", action="store_true", help="One JSON object: the bundle and its CAs."
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         action = options["action"]
@@ -64,8 +67,13 @@ class Command(BaseCommand):
         trusted = certificates.trusted_cas()
         if not trusted:
             raise CommandError("No device CA yet; create it with `manage.py device_ca init`.")
+        bundle = "".join(issuer.certificate for issuer in trusted)
         if action == "export-cert":
-            self.stdout.write("".join(issuer.certificate for issuer in trusted), ending="")
+            if options["json"]:
+                cas = [describe(issuer) for issuer in trusted]
+                self.stdout.write(json.dumps({"bundle": bundle, "cas": cas}))
+            else:
+                self.stdout.write(bundle, ending="")
             return
         if options["json"]:
             self.stdout.write(json.dumps({"cas": [describe(issuer) for issuer in trusted]}))

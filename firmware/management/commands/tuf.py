@@ -16,6 +16,7 @@ master key): it needs a threshold of the root keys and nothing of the old online
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -84,6 +85,7 @@ class Command(BaseCommand):
         export = sub.add_parser("export-root", help="Write a root as served (default: newest).")
         export.add_argument("--version", type=int)
         export.add_argument("--out", required=True, type=Path)
+        export.add_argument("--json", action="store_true")
 
         refresh = sub.add_parser("refresh", help="Re-sign what is due (as the beat task does).")
         refresh.add_argument("--force", action="store_true", help="Re-sign snapshot+timestamp.")
@@ -186,7 +188,17 @@ class Command(BaseCommand):
         out: Path = options["out"]
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_bytes(content)
-        self.stdout.write(str(out))
+        signed = json.loads(content)["signed"]
+        self._emit(
+            options,
+            {
+                "path": str(out),
+                "version": signed["version"],
+                "expires": signed["expires"],
+                "sha256": hashlib.sha256(content).hexdigest(),
+            },
+            str(out),
+        )
 
     def _refresh(self, options: dict[str, Any]) -> None:
         if not tuf_repo.is_initialised():
