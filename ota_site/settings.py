@@ -20,6 +20,7 @@ from typing import Any
 import environ
 from django.core.exceptions import ImproperlyConfigured
 
+from ota_site import dbconfig
 from ota_site.ratelimit import parse_rate
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -141,83 +142,11 @@ TEMPLATES = [
 ]
 
 # --- Database -------------------------------------------------------------------------------
-# An empty value means "not set" (make demo clears them to force the embedded mode).
-DATABASE_URL = env.str("DATABASE_URL", default="") or f"sqlite:///{VAR_DIR / 'db.sqlite3'}"
-try:
-    _db: dict[str, Any] = env.db_url_config(DATABASE_URL)
-except (ImproperlyConfigured, ValueError, KeyError) as exc:
-    CONFIG_ERRORS.append(("ota.E002", f"DATABASE_URL cannot be used: {exc}"))
-    _db = {"ENGINE": "django.db.backends.dummy"}
-
-if _db["ENGINE"] == "django.db.backends.postgresql":
-    if _typed("bool", "DATABASE_POOL", True):
-        # psycopg's pool, one per process. A sync gunicorn worker, daphne and a Celery prefork
-        # child use one connection at a time; sizing: docs/deployment.md "Database connections".
-        _db.setdefault("OPTIONS", {})["pool"] = {
-            "min_size": _typed("int", "DATABASE_POOL_MIN_SIZE", 1),
-            "max_size": _typed("int", "DATABASE_POOL_MAX_SIZE", 10),
-            "timeout": _typed("float", "DATABASE_POOL_TIMEOUT", 10.0),
-        }
-        _db["CONN_MAX_AGE"] = 0  # the pool keeps connections; Django must not
-    else:
-        # Persistent connections: a new connection per request cost ~4x throughput here.
-        _db["CONN_MAX_AGE"] = _typed("int", "DATABASE_CONN_MAX_AGE", 600)
-    # A health check costs a round trip on every request that uses the database. Without it, a
-    # connection broken by a PostgreSQL restart fails its next request with 503 and Retry-After
-    # (ota_site.errors.server_error) and is then replaced; docs/operations.md.
-    _db["CONN_HEALTH_CHECKS"] = _typed("bool", "DATABASE_HEALTH_CHECKS", False)
-    _db.setdefault("OPTIONS", {}).setdefault("connect_timeout", 5)
-    if _typed("bool", "DATABASE_PREPARED_STATEMENTS", True):
-        # The device poll's statements are prepared once per connection (ota_site.db.hot_cursor:
-        # planning cost 6x their execution). Off behind a pooler that cannot keep prepared
-        # statements (PgBouncer in transaction mode before 1.21, or without
-        # max_prepared_statements).
-        _db["OPTIONS"].setdefault("prepare_threshold", 2)
-elif _db["ENGINE"] == "django.db.backends.sqlite3":
-    # WAL lets the web server and the worker read while one writes; a busy timeout instead of
-    # "database is locked" under concurrent writers.
-    _db["OPTIONS"] = {
-        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
-        "transaction_mode": "IMMEDIATE",
-        "timeout": 20,
-    }
-elif _db["ENGINE"] != "django.db.backends.dummy":
-    CONFIG_ERRORS.append(
-        (
-            "ota.E002",
-            f"DATABASE_URL engine {_db['ENGINE']} is not supported (use postgres or sqlite)",
-        )
-    )
-    _db = {"ENGINE": "django.db.backends.dummy"}
-_db["ATOMIC_REQUESTS"] = False
-_db.setdefault("TEST", {})["NAME"] = env.str("DATABASE_TEST_NAME", default=None)
-DATABASES = {"default": _db}
-# A read replica for analytics only (fleet-wide counts; ota_site.db.analytics): the same pool
-# and options as the primary. Unset, analytics read the primary.
-DATABASE_REPLICA_URL = env.str("DATABASE_REPLICA_URL", default="")
-if DATABASE_REPLICA_URL:
-    try:
-        _replica: dict[str, Any] = env.db_url_config(DATABASE_REPLICA_URL)
-    except (ImproperlyConfigured, ValueError, KeyError) as exc:
-        _replica = {"ENGINE": "", "problem": f"cannot be used: {exc}"}
-    if _db["ENGINE"] != "django.db.backends.postgresql" or _replica.get("ENGINE") != _db["ENGINE"]:
-        CONFIG_ERRORS.append(
-            (
-                "ota.E070",
-                "DATABASE_REPLICA_URL "
-                + _replica.get("problem", "must be a postgres:// URL, with DATABASE_URL one too"),
-            )
-        )
-    else:
-        _replica.update(
-            {key: _db[key] for key in ("CONN_MAX_AGE", "CONN_HEALTH_CHECKS") if key in _db},
-            ATOMIC_REQUESTS=False,
-            OPTIONS={**_db["OPTIONS"], **_replica.get("OPTIONS", {})},
-            # Tests never create a database on the replica: the alias reads the primary's test
-            # database there (and ota_site.db.analytics then answers "default").
-            TEST={"MIRROR": "default"},
-        )
-        DATABASES["replica"] = _replica
+# PostgreSQL (pool, prepared poll read, no per-request health check) or SQLite; a read replica for
+# analytics (ota_site.db.analytics). Built by ota_site/dbconfig.py.
+DATABASE_URL, DATABASES, DATABASE_REPLICA_URL = dbconfig.databases(
+    env, _typed, VAR_DIR, CONFIG_ERRORS
+)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Redis: cache, Celery broker, channel layer ---------------------------------------------
@@ -372,7 +301,9 @@ PKCS11_PIN = _secret("PKCS11_PIN") or ""  # the user PIN, or PKCS11_PIN_FILE
 # --- TUF repository (firmware.tuf_repo; docs/security.md "TUF") ----------------------------------
 # The embedded mode (SQLite) creates a one-key repository on the first publish, its root key in
 # TUF_ROOT_KEY_DIR; production runs `manage.py tuf init` with offline root keys (check ota.W030).
-TUF_AUTO_INIT = _typed("bool", "TUF_AUTO_INIT", _db["ENGINE"] == "django.db.backends.sqlite3")
+TUF_AUTO_INIT = _typed(
+    "bool", "TUF_AUTO_INIT", DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3"
+)
 TUF_ROOT_KEY_DIR = Path(env.str("TUF_ROOT_KEY_DIR", default=str(VAR_DIR / "keys" / "tuf-root")))
 # Off: metadata (it lists versions and device types) is for devices and signed-in users only.
 TUF_METADATA_PUBLIC = _typed("bool", "TUF_METADATA_PUBLIC", False)
