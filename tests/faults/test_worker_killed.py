@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import signal
 import time
+from collections.abc import Callable
 
 import psycopg
 import pytest
@@ -22,7 +23,7 @@ from tests.faults.conftest import ADMIN, Stack, firmware_id, fleet, update
 pytestmark = [pytest.mark.fault, pytest.mark.e2e, pytest.mark.xdist_group("faults")]
 
 
-def wait_for(what: str, check, limit: float = 30) -> None:  # type: ignore[no-untyped-def]
+def wait_for(what: str, check: Callable[[], bool], limit: float = 30) -> None:
     deadline = time.monotonic() + limit
     while not check():
         if time.monotonic() > deadline:
