@@ -32,9 +32,10 @@ TESTENV  := DATABASE_URL=$(TEST_DATABASE_URL) DATABASE_TEST_NAME=$(TEST_DB_NAME)
 # swupdate: the real hawkBit DDI client (suricatta) in tests/ddi/ (docs/ddi.md).
 # prometheus: `promtool check rules` on the shipped alert rules (tests/test_observability.py).
 # wrk: the HTTP load of `make bench` (tests/bench/bench_http.py, bench_downloads.py).
-DEBIAN_PACKAGES := libubootenv-tool softhsm2 nginx chromium swupdate prometheus wrk
+# postgresql-client: pg_dump and pg_restore for `make backup` (tests/test_backup.py).
+DEBIAN_PACKAGES := libubootenv-tool softhsm2 nginx chromium swupdate prometheus wrk postgresql-client
 
-.PHONY: install debian-packages demo serve serve-demo prod-local test screenshots bench lint format clean
+.PHONY: install debian-packages demo serve serve-demo prod-local test screenshots bench backup lint format clean
 
 $(STAMP):
 	$(PYTHON) -m venv $(VENV)
@@ -108,6 +109,11 @@ bench: install debian-packages
 	$(TESTENV) $(PY) tests/bench/bench_poll_cache.py
 	$(TESTENV) $(PY) tests/bench/bench_http.py
 	$(TESTENV) $(PY) tests/bench/bench_downloads.py
+
+# The database and every stored firmware file, into $(OTA_VAR_DIR)/backups/<UTC time> (or OUT=dir),
+# for the installation the environment names. Restore: docs/operations.md "Backup and restore".
+backup: install
+	$(PY) manage.py backup create $(if $(OUT),--out $(OUT))
 
 lint: install
 	$(VENV)/bin/ruff format --check .
