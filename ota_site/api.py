@@ -22,6 +22,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from ota_site import apikeys
+from ota_site.filters import UtcDateTimeFilter
 from ota_site.models import ActorKind, ApiKey, Event, EventKind
 from ota_site.permissions import IsAdmin, Role
 
@@ -135,8 +136,8 @@ class AuditFilter(django_filters.FilterSet):
     rollout_id = django_filters.UUIDFilter()
     session_id = django_filters.NumberFilter()
     request_id = django_filters.CharFilter()
-    since = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="gte")
-    until = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="lt")
+    since = UtcDateTimeFilter(field_name="created_at", lookup_expr="gte")
+    until = UtcDateTimeFilter(field_name="created_at", lookup_expr="lt")
 
     class Meta:
         model = Event

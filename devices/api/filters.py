@@ -8,6 +8,7 @@ from django.db.models import Q, QuerySet
 from django.utils import timezone
 
 from devices.models import Device, DeviceGroup, DeviceStatus
+from ota_site.filters import UtcDateTimeFilter
 
 
 class DeviceFilter(django_filters.FilterSet):
@@ -16,8 +17,8 @@ class DeviceFilter(django_filters.FilterSet):
     group = django_filters.ModelChoiceFilter(queryset=DeviceGroup.objects.all())
     version = django_filters.CharFilter(field_name="current_version")
     target_version = django_filters.CharFilter()
-    last_seen_after = django_filters.IsoDateTimeFilter(field_name="last_seen", lookup_expr="gte")
-    last_seen_before = django_filters.IsoDateTimeFilter(field_name="last_seen", lookup_expr="lt")
+    last_seen_after = UtcDateTimeFilter(field_name="last_seen", lookup_expr="gte")
+    last_seen_before = UtcDateTimeFilter(field_name="last_seen", lookup_expr="lt")
     online = django_filters.BooleanFilter(method="filter_online")
     search = django_filters.CharFilter(method="filter_search", max_length=128)
     ordering = django_filters.OrderingFilter(

@@ -128,7 +128,7 @@ class DdiSummarySerializer(serializers.ModelSerializer):
 class DeviceSerializer(serializers.ModelSerializer):
     online = serializers.BooleanField(source="is_online", read_only=True)
     group: serializers.PrimaryKeyRelatedField[DeviceGroup] = serializers.PrimaryKeyRelatedField(
-        read_only=True
+        read_only=True, allow_null=True
     )
     # Querysets that list devices select_related("ddi"), or this costs a query per row.
     ddi = DdiSummarySerializer(

@@ -1,0 +1,111 @@
+"""Hostile input: schemathesis generates requests from /api/schema/ for every operation and sends
+them to a real gunicorn, as an admin (basic auth), an operator and a viewer (API keys) and a
+device (its bearer token). No answer may be a 5xx, and every answer must be what the schema says:
+a documented status code, the documented media type, a body that validates.
+
+The run is short (a time budget per identity) so that the suite stays within its budget; the
+seed changes with each run, so CI keeps exploring. `FUZZ_SECONDS` makes it longer by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.e2e import fresh_database, gunicorn, manage, server_env
+
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("fuzz")]
+
+ADMIN = ("fuzz-admin", "fuzz-password-123")
+SECONDS = os.environ.get("FUZZ_SECONDS", "25")
+CHECKS = ",".join(
+    [
+        "not_a_server_error",
+        "status_code_conformance",
+        "content_type_conformance",
+        "response_schema_conformance",
+    ]
+)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict[str, str]]]:
+    tmp = tmp_path_factory.mktemp("fuzz")
+    with fresh_database() as database:
+        env = server_env(
+            tmp / "var",
+            DATABASE_URL=database,
+            REDIS_URL=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/15"),
+            CACHE_KEY_PREFIX=f"fuzz-{os.getpid()}",
+        )
+        manage(env, "migrate", "--noinput")
+        manage(
+            {**env, "DJANGO_SUPERUSER_PASSWORD": ADMIN[1]},
+            "createsuperuser",
+            "--noinput",
+            "--username",
+            ADMIN[0],
+            "--email",
+            "fuzz@example.com",
+        )
+        with gunicorn(env, workers=2) as base:
+            yield base, env
+
+
+def identity(name: str, base: str, env: dict[str, str]) -> list[str]:
+    """schemathesis options that authenticate as ``name``."""
+    if name == "admin":
+        return ["--auth", f"{ADMIN[0]}:{ADMIN[1]}"]
+    if name in ("operator", "viewer"):
+        key = json.loads(
+            manage(env, "apikey", "create", "--name", f"fuzz-{name}", "--role", name, "--json")
+        )
+        return ["--header", f"Authorization: ApiKey {key['token']}"]
+    token = json.loads(
+        manage(env, "create_enrollment_token", "--name", "fuzz", "--device-type", "fz", "--json")
+    )["token"]
+    reply = requests.post(
+        f"{base}/api/v1/devices/register",
+        json={"enrollment_token": token, "hardware_id": "fuzz-1", "device_type": "fz"},
+        timeout=10,
+    )
+    assert reply.status_code == 201, reply.text
+    return ["--header", f"Authorization: Bearer {reply.json()['access_token']}"]
+
+
+@pytest.mark.parametrize("name", ["admin", "operator", "viewer", "device"])
+def test_the_api_survives_generated_requests(
+    server: tuple[str, dict[str, str]], name: str, tmp_path: Path
+) -> None:
+    base, env = server
+    command = [
+        str(Path(sys.executable).parent / "schemathesis"),
+        "--no-color",
+        "run",
+        f"{base}/api/schema/",
+        *identity(name, base, env),
+        "--checks",
+        CHECKS,
+        "--phases",
+        "coverage,fuzzing",
+        "--max-examples",
+        "3",
+        "--max-time",
+        SECONDS,
+        "--generation-database",
+        "none",
+    ]
+    # In the test's folder: schemathesis keeps a cache in ./.schemathesis.
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    # The failures (each with a curl line that reproduces it), then the summary.
+    out = result.stdout
+    failures = out[out.find("FAILURES") : out.find("WARNINGS")] if "FAILURES" in out else ""
+    report = failures[:8000] + out[out.rfind("SUMMARY") :] + result.stderr[-2000:]
+    assert result.returncode == 0, report
