@@ -300,22 +300,23 @@ def flush_last_seen() -> int:
 
     One UPDATE per FLUSH_BATCH devices, which never moves ``last_seen`` backwards (a late flush,
     or a heartbeat that wrote the row meanwhile). Safe to run twice at once and after a crash:
-    the sightings are dropped from Redis only after the commit.
+    the sightings are dropped from Redis only after every batch is written.
     """
     if not presence.enabled():
         return 0
-    taken = presence.take()
-    rows: list[tuple[uuid.UUID, datetime]] = []
-    for device_id, seen in taken.items():
-        try:
-            rows.append((uuid.UUID(device_id), datetime.fromtimestamp(seen, tz=UTC)))
-        except (ValueError, OverflowError, OSError):
-            continue  # not a device id or a time: nothing of ours wrote it
-    with transaction.atomic():
-        for start in range(0, len(rows), FLUSH_BATCH):
-            _write_last_seen(rows[start : start + FLUSH_BATCH])
+    written = 0
+    for batch in presence.batches(FLUSH_BATCH):
+        rows: list[tuple[uuid.UUID, datetime]] = []
+        for device_id, seen in batch.items():
+            try:
+                rows.append((uuid.UUID(device_id), datetime.fromtimestamp(seen, tz=UTC)))
+            except (ValueError, OverflowError, OSError):
+                continue  # not a device id or a time: nothing of ours wrote it
+        if rows:
+            _write_last_seen(rows)  # idempotent: a batch written twice changes nothing
+            written += len(rows)
     presence.done()
-    return len(rows)
+    return written
 
 
 def _write_last_seen(rows: list[tuple[uuid.UUID, datetime]]) -> None:

@@ -11,9 +11,9 @@ Without Redis (the embedded mode), or while Redis fails, ``devices.services.mark
 the row directly, at most once per ``DEVICE_LAST_SEEN_INTERVAL``. A Redis that loses the hash
 loses at most one flush interval of sightings; the next request of each device records it again.
 
-Taking the hash is crash-safe: ``take`` renames it aside (new sightings go to a fresh hash) and
-reads it; only ``done``, after the database commit, deletes it, and a flush that died in between
-is taken again by the next one (the UPDATE never moves ``last_seen`` backwards).
+Taking the hash is crash-safe: ``batches`` renames it aside (new sightings go to a fresh hash)
+and reads it in pieces; only ``done``, after the database writes, deletes it, and a flush that
+died in between is taken again by the next one (the UPDATE never moves ``last_seen`` backwards).
 """
 
 from __future__ import annotations
@@ -37,13 +37,18 @@ _noted: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "ota_presence_noted", default=None
 )
 
-# Rename the hash aside unless an earlier flush left one there, and read what is aside.
-_TAKE_SCRIPT = """
+# Rename the hash aside unless an earlier flush left one there; whether anything is aside.
+_SET_ASIDE_SCRIPT = """
 if redis.call('EXISTS', KEYS[2]) == 0 and redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('RENAME', KEYS[1], KEYS[2])
 end
-return redis.call('HGETALL', KEYS[2])
+return redis.call('EXISTS', KEYS[2])
 """
+# The flush reads the hash in pieces of about this many sightings: after a long worker outage it
+# may hold the whole fleet.
+TAKE_BATCH = 5000
+# The flush is no request: it may wait for Redis longer than the per-request client does.
+FLUSH_TIMEOUT = 30.0
 
 
 def enabled() -> bool:
@@ -88,19 +93,46 @@ def note(device_id: Any) -> bool:
     return True
 
 
-def take() -> dict[str, float]:
-    """The sightings to write: device id -> epoch seconds. Call ``done()`` once written."""
-    client = _client()
-    raw = client.eval(_TAKE_SCRIPT, 2, key(), _aside())
-    pairs = iter(raw)
-    taken = {}
-    for device_id, seen in zip(pairs, pairs, strict=True):
+def batches(size: int = TAKE_BATCH) -> Iterator[dict[str, float]]:
+    """The sightings to write, device id -> epoch seconds, in pieces (the hash is set aside
+    first, so sightings recorded meanwhile wait for the next flush). Call ``done()`` once all are
+    written; an entry that is not a sighting is skipped (and dropped by ``done``)."""
+    client = _flush_client()
+    if not client.eval(_SET_ASIDE_SCRIPT, 2, key(), _aside()):
+        return
+    batch: dict[str, float] = {}
+    for device_id, seen in client.hscan_iter(_aside(), count=size):
         try:
-            taken[device_id.decode()] = float(seen)
+            batch[device_id.decode()] = float(seen)
         except (UnicodeDecodeError, ValueError):
-            continue  # not ours; dropped with the rest by done()
+            continue
+        if len(batch) >= size:
+            yield batch
+            batch = {}
+    if batch:
+        yield batch
+
+
+def take() -> dict[str, float]:
+    """All the sightings of ``batches`` at once (small hashes: tests, inspection)."""
+    taken: dict[str, float] = {}
+    for batch in batches():
+        taken.update(batch)
     return taken
 
 
 def done() -> None:
-    _client().delete(_aside())
+    _flush_client().delete(_aside())
+
+
+_flush_clients: dict[str, redis.Redis] = {}
+
+
+def _flush_client() -> redis.Redis:
+    url = settings.REDIS_URL
+    client = _flush_clients.get(url)
+    if client is None:
+        client = _flush_clients[url] = redis.Redis.from_url(
+            url, socket_connect_timeout=5, socket_timeout=FLUSH_TIMEOUT
+        )
+    return client

@@ -15,6 +15,7 @@ from devices.models import Device
 from ota_site import presence, ratelimit
 from tests.conftest import DeviceActor
 from tests.e2e import free_port
+from tests.factories import DeviceFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -120,3 +121,13 @@ def test_a_token_for_another_client_is_no_sighting(device_a: DeviceActor) -> Non
     stale(device_a)
     APIClient().get("/api/v1/updates/check", HTTP_AUTHORIZATION="Bearer forged.token.value")
     assert presence.take() == {}
+
+
+def test_a_large_buffer_is_flushed_in_pieces(monkeypatch, db) -> None:
+    devices = [DeviceFactory.create(last_seen=None) for _ in range(5)]
+    client = ratelimit.redis_client(django_settings.REDIS_URL)
+    client.hset(presence.key(), mapping={str(d.id): "1700000000.5" for d in devices})
+    monkeypatch.setattr(device_services, "FLUSH_BATCH", 2)
+    assert device_services.flush_last_seen() == 5
+    assert Device.objects.filter(last_seen__isnull=True).count() == 0
+    assert not client.exists(presence.key() + ":flushing")
