@@ -141,3 +141,15 @@ def v1(db: Any) -> Firmware:
 def v2(db: Any) -> Firmware:
     """Firmware 1.1.0 for board-a, published (the version rollouts roll out)."""
     return firmware_services.publish_firmware(FirmwareFactory.create(version="1.1.0"))
+
+
+@pytest.fixture
+def patient_redis(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The per-request Redis client with a 5 s timeout instead of 0.25 s, for tests of what a
+    request records in Redis: on a loaded CI machine a 0.25 s stall happens, and the request then
+    rightly falls back (the rate limiter fails open, last_seen is written to the row)."""
+    from ota_site import ratelimit
+
+    monkeypatch.setattr(ratelimit, "REDIS_TIMEOUT", 5.0)
+    monkeypatch.setattr(ratelimit, "_redis_clients", {})
+    monkeypatch.setattr(ratelimit, "_redis_counters", {})

@@ -269,6 +269,7 @@ def test_a_poll_between_a_pause_and_its_commit_leaves_no_stale_cache() -> None:
 # Outside a test transaction, so that opening a session is the lone INSERT it is in production
 # (inside one it needs a savepoint around it).
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("patient_redis")
 def test_queries_per_poll_with_warm_caches(django_assert_num_queries: Any, settings: Any) -> None:
     for version in ("1.0.0", "1.1.0"):
         firmware_services.publish_firmware(FirmwareFactory.create(version=version))

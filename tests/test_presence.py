@@ -17,7 +17,7 @@ from tests.conftest import DeviceActor
 from tests.e2e import free_port
 from tests.factories import DeviceFactory
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("patient_redis")]
 
 
 def poll(actor: DeviceActor) -> None:

@@ -125,6 +125,7 @@ def test_clearing_the_assignment_cancels_the_open_session(device_a, published) -
     assert UpdateSession.objects.get(uuid=first).status == SessionStatus.CANCELLED
 
 
+@pytest.mark.usefixtures("patient_redis")
 def test_the_poll_buffers_last_seen_and_the_flush_writes_it(device_a: DeviceActor, settings):
     settings.DEVICE_LAST_SEEN_INTERVAL = 60
     old = timezone.now() - timedelta(minutes=5)
