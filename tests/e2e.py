@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -144,13 +145,20 @@ def celery_worker(env: dict[str, str], *, beat: bool = True) -> Iterator[subproc
     ]
     if beat:
         args += ["-B", "-s", str(Path(env["OTA_VAR_DIR"]) / "beat-schedule")]
-    process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    # Its own process group: with -B, beat runs in a child process, which must end with it (and
+    # must not outlive a worker that a test kills: tests/faults/test_worker_killed.py).
+    process = subprocess.Popen(
+        args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     try:
         yield process
     finally:
-        process.send_signal(signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
         try:
             process.wait(timeout=15)
         except subprocess.TimeoutExpired:
             process.kill()
+        with contextlib.suppress(ProcessLookupError):  # whatever is left of the group
+            os.killpg(process.pid, signal.SIGKILL)
         log.close()
