@@ -332,7 +332,9 @@ def in_transaction(*statements: tuple[str, list[Any]]) -> None:
             cursor.execute(sql, params)
 
 
-@pytest.mark.skipif(connection.vendor != "postgresql", reason="the trigger is PostgreSQL's")
+@pytest.mark.skipif(
+    connection.vendor != "postgresql", reason="needs PostgreSQL (the audit trigger)"
+)
 @pytest.mark.django_db(transaction=True)  # real transactions: set_config(..., true) ends with one
 def test_postgresql_admits_only_the_prune() -> None:
     [old] = old_events(1, 100)

@@ -157,7 +157,9 @@ def test_the_orm_refuses_to_change_events(device_a: DeviceActor) -> None:
         event.delete()
 
 
-@pytest.mark.skipif(connection.vendor != "postgresql", reason="the trigger is PostgreSQL's")
+@pytest.mark.skipif(
+    connection.vendor != "postgresql", reason="needs PostgreSQL (the audit trigger)"
+)
 def test_postgresql_refuses_update_and_delete(device_a: DeviceActor) -> None:
     event = Event.objects.first()
     assert event is not None

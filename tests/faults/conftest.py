@@ -32,7 +32,7 @@ class Stack:
 
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[Stack]:
-    reason = services.missing()
+    reason = services.missing()  # names the missing prerequisite (a binary, the postgres user)
     if reason:
         pytest.skip(reason)
     with services.private_postgres() as postgres, services.private_redis() as redis_server:
