@@ -430,6 +430,13 @@ def as_published(firmware: Firmware) -> PublishedFirmware:
     )
 
 
+def forget_published_keys(device_type: str, version_key: str, firmware_id: str) -> None:
+    """Drop the cached entries of a firmware known by these values (the poll answer cache's
+    listener, told by the database of a change made by any code or SQL)."""
+    cache.delete(_published_key(device_type, version_key))
+    cache.delete(_by_id_key(firmware_id))
+
+
 def forget_published(firmware: Firmware) -> None:
     """Drop a published firmware's cached entries (re-signed, quarantined or restored), now and
     again after commit so that a poll running in between cannot leave a stale one behind."""

@@ -85,6 +85,12 @@ UPDATE_CHECKS = Counter(
     "Device update checks by protocol (api, ddi) and result (offered, none, error).",
     ["protocol", "result"],
 )
+ANSWER_CACHE = Counter(
+    "ota_poll_answer_cache",
+    "The poll answer cache (ota_site.answers): answers served from it (hit), answers stored in "
+    "it (stored), and answers not stored because something changed since the lookup (refused).",
+    ["result"],
+)
 CELERY_TASKS = Counter(
     "ota_celery_tasks",
     "Celery task outcomes by task name and state (success, failure, retry).",
@@ -131,6 +137,9 @@ def route_of(request: HttpRequest) -> str:
     """The URL pattern's name (``device-updates``, ``ddi:poll``; for an unnamed pattern, its
     view's dotted path): never the raw path, so the label's values stay few whatever clients ask
     for."""
+    cached = getattr(request, "ota_route", None)
+    if cached is not None:  # an answer from the poll answer cache (ota_site.answers)
+        return str(cached)
     match = getattr(request, "resolver_match", None)
     if match is None:
         # Answered before URL resolution (a rate limit, an oversized body, a static file): resolve

@@ -35,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import redis
 from django.conf import settings
@@ -132,10 +132,22 @@ class Sighting:
     at: float  # epoch seconds
 
 
+class Hits(NamedTuple):
+    counts: list[Count]
+    # What the answer lookup found (ota_site.answers: the epoch and the device's entry); None
+    # when none was asked for, or the counter cannot look up.
+    found: tuple[str | None, str | None] | None = None
+
+
 class Counter(Protocol):
-    def hit(self, buckets: list[Bucket], seen: Sighting | None = None) -> list[Count]:
-        """Count one request in each bucket (and record the sighting, where the counter can).
-        Raises on a backend failure."""
+    def hit(
+        self,
+        buckets: list[Bucket],
+        seen: Sighting | None = None,
+        lookup: tuple[str, str] | None = None,
+    ) -> Hits:
+        """Count one request in each bucket; where the counter can, record the sighting and read
+        the ``lookup`` keys. Raises on a backend failure."""
         ...
 
 
@@ -159,15 +171,22 @@ for i = 1, buckets do
   local count = redis.call('INCR', key)
   local left = redis.call('PTTL', key)
   if left < 0 then
-    redis.call('EXPIRE', key, ARGV[i + 1])
-    left = tonumber(ARGV[i + 1]) * 1000
+    redis.call('EXPIRE', key, ARGV[i + 2])
+    left = tonumber(ARGV[i + 2]) * 1000
   end
   out[2 * i - 1] = count
   out[2 * i] = left
 end
-if #KEYS > buckets then
+local k = buckets
+if ARGV[2] == '1' then
   -- A device's sighting (ota_site.presence): device id -> time, flushed to last_seen later.
-  redis.call('HSET', KEYS[buckets + 1], ARGV[buckets + 2], ARGV[buckets + 3])
+  k = k + 1
+  redis.call('HSET', KEYS[k], ARGV[buckets + 3], ARGV[buckets + 4])
+end
+if #KEYS > k then
+  -- The poll answer cache (ota_site.answers): its epoch and the device's entry.
+  out[2 * buckets + 1] = redis.call('GET', KEYS[k + 1])
+  out[2 * buckets + 2] = redis.call('GET', KEYS[k + 2])
 end
 return out
 """
@@ -180,14 +199,25 @@ class RedisCounter:
         self.script = self.client.register_script(_HIT_SCRIPT)
         self.skip_until = 0.0
 
-    def hit(self, buckets: list[Bucket], seen: Sighting | None = None) -> list[Count]:
+    def hit(
+        self,
+        buckets: list[Bucket],
+        seen: Sighting | None = None,
+        lookup: tuple[str, str] | None = None,
+    ) -> Hits:
         if time.monotonic() < self.skip_until:
             raise CounterUnavailable(f"Redis failed less than {REDIS_BACKOFF:.0f} s ago")
         keys = [bucket.key for bucket in buckets]
-        args: list[Any] = [len(buckets), *(bucket.rate.window for bucket in buckets)]
+        args: list[Any] = [
+            len(buckets),
+            "1" if seen is not None else "0",
+            *(bucket.rate.window for bucket in buckets),
+        ]
         if seen is not None:
             keys.append(seen.key)
             args += [seen.device_id, f"{seen.at:.3f}"]
+        if lookup is not None:
+            keys += lookup
         try:
             results = self.script(keys=keys, args=args)
         except redis.RedisError:
@@ -198,7 +228,13 @@ class RedisCounter:
             count, pttl = results[2 * index : 2 * index + 2]
             left = pttl / 1000 if pttl > 0 else float(bucket.rate.window)
             counts.append(Count(bucket, int(count), left))
-        return counts
+        found = None
+        if lookup is not None:
+            found = tuple(
+                value.decode() if value is not None else None
+                for value in results[2 * len(buckets) : 2 * len(buckets) + 2]
+            )
+        return Hits(counts, found)  # type: ignore[arg-type]
 
 
 _redis_clients: dict[str, redis.Redis] = {}
@@ -279,8 +315,14 @@ class SQLiteCounter:
             self.local.connection = connection
         return connection
 
-    def hit(self, buckets: list[Bucket], seen: Sighting | None = None) -> list[Count]:
-        # Sightings are Redis's (ota_site.presence); without Redis, last_seen is written directly.
+    def hit(
+        self,
+        buckets: list[Bucket],
+        seen: Sighting | None = None,
+        lookup: tuple[str, str] | None = None,
+    ) -> Hits:
+        # Sightings (ota_site.presence) and answers (ota_site.answers) are Redis's; without Redis,
+        # last_seen is written directly.
         connection = self._connection()
         now = time.time()
         counts = []
@@ -297,7 +339,7 @@ class SQLiteCounter:
         except BaseException:
             connection.execute("ROLLBACK")
             raise
-        return counts
+        return Hits(counts)
 
 
 _sqlite_counters: dict[Path, SQLiteCounter] = {}
@@ -385,20 +427,30 @@ def _warn(message: str, *args: object) -> None:
         logger.warning(message, *args)
 
 
+class Counted(NamedTuple):
+    counts: list[Count]  # [] when no limit applies or the counter is away
+    recorded: bool  # whether the sighting was recorded
+    found: tuple[str | None, str | None] | None  # the answer lookup's values (Hits.found)
+
+
 def count(
-    request: HttpRequest, device: str | None, seen: Sighting | None = None
-) -> tuple[list[Count], bool]:
-    """Count the request in its buckets (``device``: its device, from device_subject); and
-    record ``seen`` in the same round trip, since one is made anyway. Returns the counts ([] when
-    no limit applies or the counter is away) and whether ``seen`` was recorded."""
+    request: HttpRequest,
+    device: str | None,
+    seen: Sighting | None = None,
+    lookup: tuple[str, str] | None = None,
+) -> Counted:
+    """Count the request in its buckets (``device``: its device, from device_subject); and, in
+    the same round trip since one is made anyway, record ``seen`` and read the ``lookup`` keys
+    (``ota_site.answers``)."""
     buckets = buckets_for(request, device)
-    if not buckets:
-        return [], False
+    if not buckets and lookup is None:
+        return Counted([], False, None)
     try:
-        return counter().hit(buckets, seen), seen is not None
+        hits = counter().hit(buckets, seen, lookup)
     except (CounterUnavailable, redis.RedisError, sqlite3.Error, OSError) as exc:
         _warn("rate limits are not enforced: the counter failed (%s: %s)", type(exc).__name__, exc)
-        return [], False
+        return Counted([], False, None)
+    return Counted(hits.counts, seen is not None, hits.found)
 
 
 # --- The middleware ---------------------------------------------------------------------------
@@ -439,21 +491,40 @@ class RateLimitMiddleware:
         if not path.startswith(LIMITED_PREFIXES) and LIMITED_INFIX not in path:
             return self.get_response(request)
         # Imported here: settings.py imports this module (see the module's docstring).
-        from ota_site import presence
+        from ota_site import answers, presence
 
         limited = _rate_of(settings.RATE_LIMIT_DEVICE) is not None
         buffering = presence.enabled() and isinstance(counter(), RedisCounter)
         device = device_subject(request) if limited or buffering else None
-        seen = None
+        seen = lookup = None
         if buffering and device is not None:
             seen = Sighting(presence.key(), device, time.time())
-        counts, recorded = count(request, device if limited else None, seen)
+            if request.method == "GET" and answers.enabled():
+                lookup = answers.lookup_keys(device)
+        counts, recorded, found = count(request, device if limited else None, seen, lookup)
         if any(c.over for c in counts):
             response: HttpResponse = too_many_requests(counts)
         else:
+            pending = None
+            if found is not None and recorded and device is not None:
+                pending = answers.Lookup(
+                    device,
+                    request.ota_device_token[1].generation,  # type: ignore[attr-defined]
+                    *found,
+                    at=time.monotonic(),
+                )
+                answer = pending.answer(request.get_full_path())
+                if answer is not None:
+                    response = answers.respond(request, answer)
+                    if counts:
+                        _add_headers(response, counts)
+                    return response
             # The poll then knows its last_seen is on its way (devices.services.mark_seen).
             with presence.noted(device if recorded else None):
                 response = self.get_response(request)
+            keep = getattr(response, "ota_answer", False) and response.status_code == 200
+            if pending is not None and keep:
+                answers.store(request, pending, response)
         if counts:
             _add_headers(response, counts)
         return response

@@ -288,6 +288,11 @@ FIRMWARE_CACHE_TIMEOUT = _typed("int", "FIRMWARE_CACHE_TIMEOUT", 3600)
 # ota_site.cache): a poll then needs no Redis read for them, and a change reaches other
 # processes' polls this much later. 0 turns the copies off.
 CACHE_LOCAL_SECONDS = _typed("float", "CACHE_LOCAL_SECONDS", 1.0)
+# A device's last "nothing to install" answer is kept this long in Redis (seconds) and answers its
+# next polls without the database, until the database says something it depends on changed
+# (ota_site.answers, docs/answer-cache.md). Needs REDIS_URL, PostgreSQL and the listener (Celery
+# beat runs it). 0 turns it off.
+POLL_ANSWER_CACHE_SECONDS = _typed("int", "POLL_ANSWER_CACHE_SECONDS", 600)
 # Seconds between two storage read-back checks of published firmware (firmware.tasks; daily).
 FIRMWARE_VERIFY_INTERVAL = _typed("float", "FIRMWARE_VERIFY_INTERVAL", 86400.0)
 # Where new firmware signing keys are made: "sealed" (in the database, under the master key) or

@@ -31,8 +31,24 @@ from firmware.services import PublishedFirmware
 from ota_site.compiled import CompiledRead
 from ota_site.versions import InvalidVersion, Version
 from rollouts import targeting
-from rollouts.models import OPEN_STATUSES, RolloutStatus, UpdateSession
+from rollouts.models import FINISHED_STATUSES, OPEN_STATUSES, RolloutStatus, UpdateSession
 from rollouts.services import SessionNotFound, cancel_session
+
+# Answers that offer nothing and change only when the database does (the device's row, its
+# sessions, its group, a rollout or a firmware): the poll answer cache (ota_site.answers) may keep
+# them. Not "busy" (a race that ends by itself), nor "firmware_unavailable" (an open session).
+STABLE_REASONS = frozenset(
+    {
+        "no_assignment",
+        "not_published",
+        "rollout_paused",
+        "waiting_for_stage",
+        "up_to_date",
+        "newer_installed",
+        "below_min_version",
+        *(f"already_{status}" for status in FINISHED_STATUSES),
+    }
+)
 
 
 @dataclass(frozen=True)

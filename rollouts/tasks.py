@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from celery import shared_task
+from celery import shared_task, signals
 from django.conf import settings
 
-from rollouts import archive, evaluation
+from rollouts import answer_cache, archive, evaluation
 
 logger = logging.getLogger(__name__)
 
@@ -53,3 +53,9 @@ def archive_old_sessions() -> None:
             result.before.isoformat(),
             len(result.files),
         )
+
+
+# Celery beat runs once per installation: it runs the poll answer cache's listener too
+# (rollouts.answer_cache), standalone (`celery beat`) or embedded in a worker (`celery worker -B`).
+signals.beat_init.connect(answer_cache.start_in_background, weak=False)
+signals.beat_embedded_init.connect(answer_cache.start_in_background, weak=False)

@@ -249,7 +249,7 @@ from ota_site.ratelimit import Bucket, Rate
 counter = ratelimit.counter()
 assert isinstance(counter, ratelimit.SQLiteCounter), counter
 bucket = [Bucket("shared", Rate(250, 60))]
-print(sum(1 for _ in range(200) if not counter.hit(bucket)[0].over))
+print(sum(1 for _ in range(200) if not counter.hit(bucket).counts[0].over))
 """
 
 

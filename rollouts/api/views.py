@@ -19,6 +19,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from firmware import services as firmware_services
+from ota_site import answers
 from ota_site.auth import DeviceJWTAuthentication
 from ota_site.observability import count_update_check
 from ota_site.permissions import IsDevice, RoleByMethod, check_own_device
@@ -101,7 +102,12 @@ class UpdateCheckView(DeviceView):
             )
         # Django's JsonResponse rather than DRF's Response and renderer: the poll is the hot path
         # (about 10% of its cost; docs/performance.md). Errors still take DRF's handler.
-        return JsonResponse(body)
+        response = JsonResponse(body)
+        if offer.reason in poll.STABLE_REASONS:
+            # The device's next polls may get this answer from the answer cache until the
+            # database changes anything it depends on (ota_site.answers).
+            answers.mark(response)
+        return response
 
 
 class StatusView(DeviceView):
