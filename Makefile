@@ -35,7 +35,7 @@ TESTENV  := DATABASE_URL=$(TEST_DATABASE_URL) DATABASE_TEST_NAME=$(TEST_DB_NAME)
 # postgresql-client: pg_dump and pg_restore for `make backup` (tests/test_backup.py).
 DEBIAN_PACKAGES := libubootenv-tool softhsm2 nginx chromium swupdate prometheus wrk postgresql-client
 
-.PHONY: install debian-packages demo serve serve-demo prod-local test screenshots bench backup lint format clean
+.PHONY: install debian-packages demo serve serve-demo prod-local test screenshots bench load backup lint format clean
 
 $(STAMP):
 	$(PYTHON) -m venv $(VENV)
@@ -109,6 +109,13 @@ bench: install debian-packages
 	$(TESTENV) $(PY) tests/bench/bench_poll_cache.py
 	$(TESTENV) $(PY) tests/bench/bench_http.py
 	$(TESTENV) $(PY) tests/bench/bench_downloads.py
+
+# The load test at full size (tests/load/fleet.py): LOAD_DEVICES virtual devices through a whole
+# rollout on the production process set, then the consistency query; writes docs/reliability.md's
+# "Load" section. The suite runs a short version (tests/test_load.py).
+LOAD_DEVICES ?= 5000
+load: install debian-packages
+	$(TESTENV) $(PY) tests/load/fleet.py --devices $(LOAD_DEVICES) --write-docs
 
 # The database and every stored firmware file, into $(OTA_VAR_DIR)/backups/<UTC time> (or OUT=dir),
 # for the installation the environment names. Restore: docs/operations.md "Backup and restore".

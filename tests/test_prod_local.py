@@ -9,13 +9,16 @@ Last-Modified, which only nginx's static file module sets (the app never does).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -183,6 +186,121 @@ def enroll_with_a_certificate(run: Running, folder: Path) -> tuple[dict[str, Any
     return device, cert
 
 
+def trickle(http: str, head: bytes, slowly: bytes, seconds: float) -> socket.socket:
+    """A client that sends ``head`` at once, then ``slowly`` a few bytes at a time over
+    ``seconds``, in a thread; the socket is returned at once (close it to end the client)."""
+    host, port = http.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    sock.sendall(head)
+
+    def run() -> None:
+        pieces = [slowly[i : i + 4] for i in range(0, len(slowly), 4)]
+        pause = seconds / max(len(pieces), 1)
+        with contextlib.suppress(OSError):
+            for piece in pieces:
+                sock.sendall(piece)
+                time.sleep(pause)
+
+    threading.Thread(target=run, daemon=True).start()
+    return sock
+
+
+def hostile_input(
+    run: Running, bearer: dict[str, str], operator: dict[str, str], tmp_path: Path
+) -> None:
+    """What nginx and the app answer to hostile requests: a JSON refusal, never a 5xx, and a
+    server that keeps serving devices meanwhile (issue 9)."""
+    https, verify, http = run.https, run.verify, str(run.state["http"])
+
+    def get(path: str, **kwargs: Any) -> requests.Response:
+        return requests.get(https + path, verify=verify, timeout=10, **kwargs)
+
+    def refused(reply: requests.Response, status: int, code: str) -> None:
+        assert reply.status_code == status, (reply.status_code, reply.text[:300])
+        assert reply.headers["Content-Type"].startswith("application/json"), reply.headers
+        assert reply.json()["code"] == code, reply.text
+
+    poll = "/api/v1/updates/check"
+    # Huge headers and a huge request line: refused by nginx, in the app's JSON shape.
+    refused(get(poll, headers={**bearer, "X-Padding": "a" * 20000}), 431, "headers_too_large")
+    refused(get(f"/api/v1/devices?search={'a' * 20000}", headers=operator), 414, "uri_too_long")
+    # Bodies: over nginx's limit for device routes, over the app's, not JSON, the wrong type.
+    status = https + "/api/v1/status"
+    big = {**bearer, "Content-Type": "application/json"}
+    huge = b'{"x": "' + b"a" * (3 * 1024 * 1024) + b'"}'
+    refused(
+        requests.post(status, data=huge, headers=big, verify=verify, timeout=30),
+        413,
+        "payload_too_large",
+    )
+    large = b'{"x": "' + b"a" * (1536 * 1024) + b'"}'
+    refused(
+        requests.post(status, data=large, headers=big, verify=verify, timeout=30),
+        413,
+        "payload_too_large",
+    )
+    reply = requests.post(status, data=b'{"session_id": ', headers=big, verify=verify, timeout=10)
+    assert reply.status_code == 400 and reply.json()["code"], reply.text
+    reply = requests.post(
+        status,
+        data=b"status=x",
+        headers={**bearer, "Content-Type": "text/plain"},
+        verify=verify,
+        timeout=10,
+    )
+    assert reply.status_code == 415 and reply.json()["code"], reply.text
+    # Path traversal: nginx's internal file location is not reachable, nor anything beside it.
+    for path in (
+        "/_x_accel/firmware/../../../etc/passwd",
+        "/_x_accel/firmware/firmware/",
+        "/api/v1/firmware/..%2f..%2f..%2fetc%2fpasswd/download",
+        "/static/../../../../etc/passwd",
+    ):
+        reply = get(path, headers=bearer)
+        assert reply.status_code in (400, 404), (path, reply.status_code)
+        assert b"root:" not in reply.content, path
+    # A file name that climbs out of the storage folder is only a name.
+    uploaded = requests.post(
+        https + "/api/v1/firmware",
+        headers=operator,
+        data={"version": "6.6.6", "device_type": "pl-board"},
+        files={"file": ("../../../../../../tmp/ota-traversal.bin", b"evil" * 100)},
+        verify=verify,
+        timeout=30,
+    )
+    assert uploaded.status_code == 201, uploaded.text
+    assert not Path("/tmp/ota-traversal.bin").exists()
+    media = run.folder / "ota" / "media"
+    stored = [p.relative_to(media) for p in media.rglob("*") if p.is_file()]
+    assert all(p.parts[0] == "firmware" for p in stored), stored
+    assert [p.name for p in stored if "traversal" in p.name] == ["ota-traversal.bin"], stored
+    # Slow clients: more than there are gunicorn workers (two) trickle a device's headers or a
+    # status report's body; nginx holds them, and polls are answered as fast as ever.
+    body = b'{"session_id": "00000000-0000-4000-8000-000000000000", "status": "downloading"}'
+    host = http.removeprefix("http://")
+    slow_body = (
+        f"POST /api/v1/status HTTP/1.1\r\nHost: {host}\r\n".encode()
+        + b"Content-Type: application/json\r\n"
+        + f"Authorization: {bearer['Authorization']}\r\n".encode()
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+    )
+    slow = [trickle(http, slow_body, body, 8.0) for _ in range(4)]
+    slow += [
+        trickle(http, f"GET {poll} HTTP/1.1\r\nHost: {host}\r\n".encode(), b"X" * 200, 8.0)
+        for _ in range(4)
+    ]
+    try:
+        time.sleep(1.0)  # every slow client is connected and sending
+        for _ in range(5):
+            started = time.monotonic()
+            reply = requests.get(http + poll, headers=bearer, timeout=5)
+            assert reply.status_code == 200, reply.text
+            assert time.monotonic() - started < 2.0
+    finally:
+        for sock in slow:
+            sock.close()
+
+
 def test_prod_local_serves_the_production_path_through_nginx(tmp_path: Path) -> None:
     with prod_local(tmp_path) as run:
         https, verify = run.https, run.verify
@@ -279,6 +397,9 @@ def test_prod_local_serves_the_production_path_through_nginx(tmp_path: Path) -> 
             assert isinstance(snapshot, dict) and snapshot["type"] == "snapshot", snapshot
         finally:
             stream.close()
+
+        # --- Hostile input, over the wire -------------------------------------------------------
+        hostile_input(run, bearer, operator, tmp_path)
 
         # --- Stopping leaves nothing behind ---------------------------------------------------
         leaders = set(run.state["pids"].values())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import random
 import sys
 import threading
 import time
@@ -114,6 +115,33 @@ def test_dropped_connection_resumes_with_range(
     resumed_at = int(second.range.removeprefix("bytes=").rstrip("-"))
     assert 0 < resumed_at <= 600_000
     assert second.status == 206
+
+
+def test_downloads_cut_at_random_offsets_resume_every_time(
+    ota_server: LiveServer, make_device: Any, proxy: Proxy
+) -> None:
+    """Six cuts in a row, each after a random number of bytes (a new seed each run, shown on
+    failure): every one resumes where the last sync point was, nothing starts over, and the
+    image installed is the whole, verified image."""
+    seed = random.randrange(1 << 32)
+    rng = random.Random(seed)
+    cuts = [rng.randrange(1, len(NEW) // 4) for _ in range(6)]
+    device = make_device(server=proxy.url)
+    proxy.download_faults += [Fault("cut", at=at) for at in cuts]
+    agent = Agent(device.config)
+    agent.run_once()
+    assert_updated(ota_server, device, agent)
+    downloads = proxy.downloads()
+    assert len(downloads) == len(cuts) + 1, (seed, cuts)
+    assert downloads[0].range is None
+    received = 0
+    for cut, resumed in zip(cuts, downloads[1:], strict=True):
+        received += cut
+        start = int(str(resumed.range).removeprefix("bytes=").rstrip("-"))
+        # Resumed where the bytes stopped: never past what came, never from zero.
+        assert 0 < start <= received, (seed, cuts, start)
+        assert resumed.if_range == f'"{NEW_SHA}"' and resumed.status == 206, (seed, cuts)
+        received = start
 
 
 def test_a_whole_image_instead_of_a_range_starts_over(
