@@ -26,7 +26,7 @@ from tuf.api.metadata import Metadata, MetaFile, Root, Targets, Timestamp
 from tuf.ngclient import Updater
 from tuf.ngclient.fetcher import FetcherInterface
 
-from firmware import services, tasks, tuf_repo
+from firmware import services, tasks, tuf_repo, tuf_rotation
 from firmware.models import Firmware, TufKey, TufMetadata
 from ota_site.models import Event, EventKind
 from tests.conftest import DeviceActor
@@ -387,7 +387,7 @@ def test_online_rotation_refusals_write_nothing(db: Any, tmp_path: Path) -> None
     with pytest.raises(CommandError, match="not initialised"):
         run("rotate-online", "--root-key", stranger)
     with pytest.raises(tuf_repo.TufError) as refused:
-        tuf_repo.rotate_online([tuf_repo.load_key_file(Path(stranger))])
+        tuf_rotation.rotate_online([tuf_repo.load_key_file(Path(stranger))])
     assert refused.value.status_code == 409
     assert not TufMetadata.objects.exists()
 
@@ -408,7 +408,7 @@ def test_online_rotation_refusals_write_nothing(db: Any, tmp_path: Path) -> None
     with pytest.raises(CommandError, match="Cannot load the key"):
         run("rotate-online", "--root-key", str(tmp_path / "missing.pem"))
     with pytest.raises(tuf_repo.TufError) as refused:
-        tuf_repo.rotate_online([tuf_repo.load_key_file(Path(old[0]))], ["snapshot"])
+        tuf_rotation.rotate_online([tuf_repo.load_key_file(Path(old[0]))], ["snapshot"])
     assert refused.value.status_code == 409 and refused.value.code == "tuf_threshold"
     assert snapshot_of_state() == state
     assert Event.objects.count() == events

@@ -45,8 +45,7 @@ the committed slot are never written, and a trial is cancelled before its slot i
 at every instant the next boot starts a complete image: the committed one, or the new one on
 trial, which the bootloader abandons after ``trial_boots`` boots without a commit.
 
-Reports go through the outbox and ``ota_client.link``: the device keeps installing, rebooting and
-validating without the server and delivers the reports, in order, when it can.
+Reports go out through ``ota_client.link``, offers are checked by ``ota_client.offers``.
 
 Threads: an Agent holds no global state. ``ota-client simulate`` can run many in one process, each
 with its own Config, state_dir, FileSystemInterface, health check and reboot function.
@@ -60,15 +59,14 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
 from ota_client import faults, tuf_client
 from ota_client.api import Offline, Refused, ServerClient
 from ota_client.config import Config, make_system
 from ota_client.downloader import Downloader, DownloadRejected, ResumePoint
 from ota_client.health import HealthCheck, command_health_check
-from ota_client.identity import IdentityError
 from ota_client.link import ServerLink
+from ota_client.offers import OfferGate
 from ota_client.outbox import Outbox
 from ota_client.outcome import DeviceLog, Outcome, StepResult
 from ota_client.state import (
@@ -87,10 +85,7 @@ from ota_client.system import SystemInterface, fsync_dir
 from ota_client.verifier import (
     Offer,
     VerificationError,
-    save_trusted_keys,
-    trusted_after,
     verify_image,
-    verify_offer,
 )
 
 logger = logging.getLogger(__name__)
@@ -146,7 +141,7 @@ class Agent:
         self.poll_interval = config.poll_interval
         self.log = DeviceLog(logger, {"device": config.hardware_id})
         self.link = ServerLink(config, self.server, self.outbox, self.log)
-        self._warned_without_tuf = False
+        self.offers = OfferGate(config, self.server, self.link, self.log)
 
     # --- Public API -----------------------------------------------------------------------------
 
@@ -228,10 +223,10 @@ class Agent:
         try:
             self.server.ensure_enrolled()
             if self.server.enrolled_now and self.config.trust_on_first_use:
-                self._trusted_keys()
+                self.link.trusted_keys()
             self._flush()
             self._heartbeat()
-            self._renew_certificate()
+            self.link.renew_certificate_if_due()
             body = self.server.check()
         except Offline as exc:
             return StepResult(Outcome.OFFLINE, str(exc), exc.retry_after)
@@ -250,18 +245,11 @@ class Agent:
         if booted != env.active:
             return StepResult(Outcome.IDLE, f"running uncommitted slot {booted}; not installing")
         try:
-            offer = Offer.from_check(body)
-            trusted = self._trusted_keys()
-            verify_offer(
-                offer,
-                trusted_keys=trusted,
-                device_type=self.config.device_type,
+            offer, tuf_target = self.offers.accept(
+                body,
                 installed_version=self.running_version(),
+                release_counter=self.state.release_counter,
             )
-            self._check_release_counter(offer)
-            tuf_target = self._check_tuf(offer)
-            # Only an offer that passed every check may teach the device a new signing key.
-            self._learn_keys(offer, trusted)
         except VerificationError as exc:
             self.log.warning("refusing the update of session %s: %s", session_id, exc)
             self.outbox.add_status(session_id, "failed", error_message=f"rejected: {exc}")
@@ -592,63 +580,6 @@ class Agent:
         self._flush_best_effort()
         if self.link.session_closed:
             raise _SessionClosed(self.link.session_closed)
-
-    def _trusted_keys(self) -> dict[str, str]:
-        return self.link.trusted_keys()
-
-    def _check_release_counter(self, offer: Offer) -> None:
-        if offer.release_counter < self.state.release_counter:
-            raise VerificationError(
-                f"release counter {offer.release_counter} of {offer.version} is below this "
-                f"device's {self.state.release_counter}: that image may never be installed again"
-            )
-
-    def _check_tuf(self, offer: Offer) -> dict[str, Any] | None:
-        """The offer's TUF target (tuf_client.check_offer), or None where TUF is not set up and
-        ``allow_without_tuf`` permits it (simulators and tests only)."""
-        if self.config.tuf_root is None:
-            if not self.config.allow_without_tuf:
-                raise VerificationError(
-                    "no TUF root is configured (trust.tuf_root): updates are refused without "
-                    "TUF verification"
-                )
-            if not self._warned_without_tuf:
-                self._warned_without_tuf = True
-                self.log.warning("installing without TUF verification (allow_without_tuf)")
-            return None
-        try:
-            return tuf_client.check_offer(self.config, self.server, offer)
-        except Offline as exc:
-            self.log.warning("TUF metadata unavailable, not installing now: %s", exc)
-            raise
-
-    def _learn_keys(self, offer: Offer, trusted: dict[str, str]) -> None:
-        """After a verified offer: trust the keys its chain endorsed, drop the keys a trusted
-        key signed the retirement of (``verifier.trusted_after``); one atomic write."""
-        updated = trusted_after(offer, trusted)
-        if updated == trusted:
-            return
-        save_trusted_keys(self.config.trusted_keys_path, updated)
-        added = sorted(set(updated) - set(trusted))
-        dropped = sorted(set(trusted) - set(updated))
-        self.log.warning(
-            "signing keys: now trusting %s; dropped retired %s",
-            ", ".join(added) or "-",
-            ", ".join(dropped) or "-",
-        )
-
-    def _renew_certificate(self) -> None:
-        """Renew the device certificate when it is due. Only from idle, so never in the middle
-        of an update; a failure is logged and tried again next cycle, and never stops the
-        update check (the current certificate stays valid until it expires)."""
-        try:
-            if not self.server.certificate_renewal_due():
-                return
-            self.server.renew_certificate()
-        except (Offline, Refused, IdentityError, OSError) as exc:
-            self.log.warning("renewing the device certificate failed (next cycle again): %s", exc)
-            return
-        self.log.info("renewed the device certificate")
 
     def _heartbeat(self) -> None:
         version = self.running_version()

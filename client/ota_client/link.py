@@ -1,5 +1,5 @@
-"""What the agent tells the server besides the update check: heartbeats and queued reports,
-and the signing keys it trusts.
+"""What the agent tells the server besides the update check: heartbeats and queued reports, the
+signing keys it trusts, and the renewal of its certificate.
 
 The reports go through the outbox (``ota_client.outbox``): the device keeps installing, rebooting
 and validating without the server and delivers them, in order, when it can.
@@ -18,6 +18,7 @@ from typing import Any
 from ota_client import __version__
 from ota_client.api import Offline, RateLimited, Refused, ServerClient
 from ota_client.config import Config
+from ota_client.identity import IdentityError
 from ota_client.outbox import STATUS, Outbox, Report
 from ota_client.verifier import keys_from_server, load_trusted_keys, save_trusted_keys
 
@@ -60,6 +61,19 @@ class ServerLink:
                 save_trusted_keys(path, fetched)
             keys = fetched
         return keys
+
+    def renew_certificate_if_due(self) -> None:
+        """Renew the device certificate when it is due. Only from idle, so never in the middle
+        of an update; a failure is logged and tried again next cycle, and never stops the
+        update check (the current certificate stays valid until it expires)."""
+        try:
+            if not self.server.certificate_renewal_due():
+                return
+            self.server.renew_certificate()
+        except (Offline, Refused, IdentityError, OSError) as exc:
+            self.log.warning("renewing the device certificate failed (next cycle again): %s", exc)
+            return
+        self.log.info("renewed the device certificate")
 
     def heartbeat(self, version: str, slot: str, reported_version: str | None) -> bool:
         """Tell the server the running version once per process and whenever it changes.

@@ -24,7 +24,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from firmware import tuf_repo
+from firmware import tuf_repo, tuf_rotation
 from ota_site.errors import ServiceError
 from ota_site.keystore import KeystoreError
 
@@ -149,7 +149,7 @@ class Command(BaseCommand):
         passphrase = _passphrase(options)
         old = [tuf_repo.load_key_file(p, passphrase) for p in options["old_key"]]
         new = [tuf_repo.load_key_file(p, passphrase) for p in options["new_key"]]
-        root = tuf_repo.rotate_root(old, new, threshold=options["threshold"], actor=ACTOR)
+        root = tuf_rotation.rotate_root(old, new, threshold=options["threshold"], actor=ACTOR)
         data = {
             "root_version": root.signed.version,
             "threshold": root.signed.roles["root"].threshold,
@@ -158,12 +158,12 @@ class Command(BaseCommand):
         self._emit(options, data, f"TUF root v{root.signed.version} signed and published.")
 
     def _rotate_online(self, options: dict[str, Any]) -> None:
-        roles = tuf_repo.parse_online_roles(options["roles"])
+        roles = tuf_rotation.parse_online_roles(options["roles"])
         if not tuf_repo.is_initialised():
             raise CommandError("The TUF repository is not initialised (manage.py tuf init).")
         passphrase = _passphrase(options)
         signers = [tuf_repo.load_key_file(p, passphrase) for p in options["root_key"]]
-        root = tuf_repo.rotate_online(signers, roles, actor=ACTOR)
+        root = tuf_rotation.rotate_online(signers, roles, actor=ACTOR)
         data = {
             "root_version": root.signed.version,
             "roles": roles,
