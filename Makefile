@@ -33,7 +33,8 @@ TESTENV  := DATABASE_URL=$(TEST_DATABASE_URL) DATABASE_TEST_NAME=$(TEST_DB_NAME)
 # prometheus: `promtool check rules` on the shipped alert rules (tests/test_observability.py).
 # wrk: the HTTP load of `make bench` (tests/bench/bench_http.py, bench_downloads.py).
 # postgresql-client: pg_dump and pg_restore for `make backup` (tests/test_backup.py).
-DEBIAN_PACKAGES := libubootenv-tool softhsm2 nginx chromium swupdate prometheus wrk postgresql-client
+# faketime: devices with wrong clocks (tests/client/test_clocks.py).
+DEBIAN_PACKAGES := libubootenv-tool softhsm2 nginx chromium swupdate prometheus wrk postgresql-client faketime
 
 .PHONY: install debian-packages demo serve serve-demo prod-local test screenshots bench load backup lint format clean
 

@@ -7,6 +7,7 @@ Host header the proxy passes on, so downloads come through the proxy too.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -58,6 +59,10 @@ class Proxy:
     url: str = ""
     seen: list[Seen] = field(default_factory=list)
     download_faults: list[Fault] = field(default_factory=list)
+    # While set, the server is "away": every new connection is dropped unanswered, and a
+    # download in progress is cut (counted in `dropped`).
+    down: bool = False
+    dropped: int = 0
     # Rewrites the JSON of update-check answers (to forge offers).
     tamper_check: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     # Which paths are firmware downloads (faults apply to them): our API's by default; the
@@ -97,7 +102,17 @@ def _handler(proxy: Proxy) -> type[BaseHTTPRequestHandler]:
         def do_PUT(self) -> None:
             self.forward()
 
+        def hang_up(self) -> None:
+            with proxy.lock:
+                proxy.dropped += 1
+            with contextlib.suppress(OSError):
+                self.connection.shutdown(socket.SHUT_RDWR)
+            self.close_connection = True
+
         def forward(self) -> None:
+            if proxy.down:
+                self.hang_up()
+                return
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else None
             headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
@@ -152,6 +167,10 @@ def _handler(proxy: Proxy) -> type[BaseHTTPRequestHandler]:
                 return
             sent = 0
             for chunk in upstream.raw.stream(64 * 1024, decode_content=False):
+                if proxy.down:
+                    upstream.close()
+                    self.hang_up()
+                    return
                 if fault is not None and fault.kind == "cut" and sent + len(chunk) >= fault.at:
                     self.wfile.write(chunk[: fault.at - sent])
                     self.wfile.flush()

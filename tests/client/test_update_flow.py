@@ -268,6 +268,39 @@ def test_reports_are_queued_while_the_server_is_unreachable(
     assert_updated(ota_server, device, agent)
 
 
+def test_the_server_away_for_many_cycles_mid_download(
+    ota_server: LiveServer, make_device: Any, proxy: Proxy
+) -> None:
+    """The server goes away in the middle of a download and stays away for many poll cycles
+    (minutes in the field; here seconds, with the backoff scaled down to 0.1-0.4 s). The agent
+    keeps backing off without giving up or throwing its part file away, and when the server is
+    back it resumes the download where it stopped and finishes the update."""
+    device = make_device(server=proxy.url, max_backoff=0.4)
+    proxy.download_faults.append(Fault("slow", at=400_000))  # about 4 s for the image
+    agent = Agent(device.config, sleep=lambda seconds: time.sleep(min(seconds, 0.05)))
+    stop = threading.Event()
+    runner = threading.Thread(target=agent.run_forever, args=(stop,), daemon=True)
+    runner.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not proxy.downloads() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.0)  # a part of the image has come
+        proxy.down = True
+        time.sleep(4.0)
+        assert proxy.dropped >= 8, proxy.dropped  # it kept trying, cycle after cycle
+        assert agent.phase == "downloading"  # and kept its place
+        proxy.down = False
+        while agent.running_version() != "1.1.0" and time.monotonic() < deadline + 30:
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        runner.join(timeout=10)
+    assert_updated(ota_server, device, agent)
+    resumed = [seen for seen in proxy.downloads() if seen.range]
+    assert resumed and all(seen.status == 206 for seen in resumed), proxy.downloads()
+
+
 def test_bandwidth_limit(ota_server: LiveServer, make_device: Any, tmp_path: Any) -> None:
     device = make_device()
     server = ServerClient(device.config)

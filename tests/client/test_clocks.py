@@ -1,0 +1,113 @@
+"""Devices whose wall clock is wrong, by years (issue 9): the real client in a process whose clock
+libfaketime (Debian's faketime) moves; its monotonic clock stays true, as a wrong RTC leaves it.
+
+The client times its token, backoff, download deadline and rate-limit pauses by the monotonic
+clock, and the server records every time itself, so a wrong wall clock reaches only what must use
+it: TUF's expiry check. A clock behind (an RTC that lost its battery and starts in the past)
+updates normally. A clock ahead sees the repository's metadata as expired, which TUF cannot tell
+from a freeze attack: the update is refused and reported with that reason, the device keeps
+booting its image, and it installs once its clock is right and the update is offered again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from ota_client.system import FileSystemInterface
+from tests.client.conftest import Device, LiveServer
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(
+        shutil.which("faketime") is None, reason="needs Debian's faketime (make test installs it)"
+    ),
+]
+
+
+def run_once(device: Device, clock: str | None) -> subprocess.CompletedProcess[str]:
+    """``ota-client once`` with the wall clock moved by ``clock`` (libfaketime's "+3y", "-5y")."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FAKETIME")}
+    prefix: list[str] = []
+    if clock is not None:
+        prefix = ["faketime", "-f", clock]
+        env["FAKETIME_DONT_FAKE_MONOTONIC"] = "1"
+    return subprocess.run(
+        [
+            *prefix,
+            sys.executable,
+            "-m",
+            "ota_client.cli",
+            "once",
+            "--config",
+            str(device.root / "client.toml"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def state_of(device: Device) -> dict[str, Any]:
+    return dict(json.loads((device.config.state_dir / "state.json").read_text()))
+
+
+def test_a_clock_years_behind_updates_normally(ota_server: LiveServer, make_device: Any) -> None:
+    device = make_device()
+    device.write_toml()
+    probe = subprocess.run(
+        ["faketime", "-f", "-5y", sys.executable, "-c", "import time; print(time.time())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert float(probe.stdout) < datetime.now(UTC).timestamp() - 4 * 365 * 86400  # it is behind
+
+    done = run_once(device, "-5y")
+    assert done.returncode == 0, done.stderr
+    assert state_of(device)["last_result"]["outcome"] == "success", state_of(device)
+    [session] = ota_server.sessions(device.device_id)
+    assert session["status"] == "success"
+    # The server's own times, not the device's.
+    started = datetime.fromisoformat(session["started_at"])
+    assert abs(datetime.now(UTC) - started) < timedelta(minutes=5), session
+    assert ota_server.device(device.device_id)["current_version"] == "1.1.0"
+
+
+def test_a_clock_years_ahead_is_refused_as_expired_and_recovers(
+    ota_server: LiveServer, make_device: Any
+) -> None:
+    device = make_device()
+    device.write_toml()
+    system = FileSystemInterface(device.config.state_dir / "system")
+
+    refused = run_once(device, "+3y")
+    assert refused.returncode == 0, refused.stderr
+    last = state_of(device)["last_result"]
+    assert last["outcome"] == "failed" and "xpired" in last["reason"], last
+    [session] = ota_server.sessions(device.device_id)
+    assert session["status"] == "failed" and "xpired" in session["error_message"], session
+    # Nothing was written: the device boots its image as before.
+    env = system.read_env()
+    assert (system.booted_slot(), env.active, env.trial) == ("a", "a", "")
+    assert ota_server.device(device.device_id)["current_version"] == "1.0.0"
+
+    # The clock is put right (NTP) and the operator offers the update again.
+    retried = ota_server.operator.post(
+        f"{ota_server.url}/api/v1/devices/{device.device_id}/retry",
+        headers={"X-CSRFToken": ota_server.operator.cookies.get("csrftoken", "")},
+        timeout=10,
+    )
+    assert retried.status_code == 200, retried.text
+    done = run_once(device, None)
+    assert done.returncode == 0, done.stderr
+    assert ota_server.device(device.device_id)["current_version"] == "1.1.0"
