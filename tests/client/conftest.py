@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -242,3 +244,36 @@ def make_device(tmp_path: Path, ota_server: LiveServer) -> Any:
         return Device(root=root, config=Config(**values).with_overrides())
 
     return make
+
+
+def run_client_once(
+    device: Device, *, crash_at: str | None = None, clock: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``ota-client once`` in its own process, as a device runs it: ``crash_at`` makes it die at
+    that checkpoint (OTA_CLIENT_CRASH_AT, a power cut); ``clock`` moves its wall clock with
+    Debian's faketime ("+3y", "-5y"), its monotonic clock staying true."""
+    env = {
+        k: v for k, v in os.environ.items() if k != "OTA_CLIENT_CRASH_AT" and "FAKETIME" not in k
+    }
+    prefix: list[str] = []
+    if crash_at:
+        env["OTA_CLIENT_CRASH_AT"] = crash_at
+    if clock is not None:
+        prefix = ["faketime", "-f", clock]
+        env["FAKETIME_DONT_FAKE_MONOTONIC"] = "1"
+    return subprocess.run(
+        [
+            *prefix,
+            sys.executable,
+            "-m",
+            "ota_client.cli",
+            "once",
+            "--config",
+            str(device.root / "client.toml"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )

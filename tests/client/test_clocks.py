@@ -12,7 +12,6 @@ booting its image, and it installs once its clock is right and the update is off
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from typing import Any
 import pytest
 
 from ota_client.system import FileSystemInterface
-from tests.client.conftest import Device, LiveServer
+from tests.client.conftest import Device, LiveServer, run_client_once
 
 pytestmark = [
     pytest.mark.e2e,
@@ -30,31 +29,6 @@ pytestmark = [
         shutil.which("faketime") is None, reason="needs Debian's faketime (make test installs it)"
     ),
 ]
-
-
-def run_once(device: Device, clock: str | None) -> subprocess.CompletedProcess[str]:
-    """``ota-client once`` with the wall clock moved by ``clock`` (libfaketime's "+3y", "-5y")."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FAKETIME")}
-    prefix: list[str] = []
-    if clock is not None:
-        prefix = ["faketime", "-f", clock]
-        env["FAKETIME_DONT_FAKE_MONOTONIC"] = "1"
-    return subprocess.run(
-        [
-            *prefix,
-            sys.executable,
-            "-m",
-            "ota_client.cli",
-            "once",
-            "--config",
-            str(device.root / "client.toml"),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
 
 
 def state_of(device: Device) -> dict[str, Any]:
@@ -72,7 +46,7 @@ def test_a_clock_years_behind_updates_normally(ota_server: LiveServer, make_devi
     )
     assert float(probe.stdout) < datetime.now(UTC).timestamp() - 4 * 365 * 86400  # it is behind
 
-    done = run_once(device, "-5y")
+    done = run_client_once(device, clock="-5y")
     assert done.returncode == 0, done.stderr
     assert state_of(device)["last_result"]["outcome"] == "success", state_of(device)
     [session] = ota_server.sessions(device.device_id)
@@ -90,7 +64,7 @@ def test_a_clock_years_ahead_is_refused_as_expired_and_recovers(
     device.write_toml()
     system = FileSystemInterface(device.config.state_dir / "system")
 
-    refused = run_once(device, "+3y")
+    refused = run_client_once(device, clock="+3y")
     assert refused.returncode == 0, refused.stderr
     last = state_of(device)["last_result"]
     assert last["outcome"] == "failed" and "xpired" in last["reason"], last
@@ -108,6 +82,6 @@ def test_a_clock_years_ahead_is_refused_as_expired_and_recovers(
         timeout=10,
     )
     assert retried.status_code == 200, retried.text
-    done = run_once(device, None)
+    done = run_client_once(device)
     assert done.returncode == 0, done.stderr
     assert ota_server.device(device.device_id)["current_version"] == "1.1.0"

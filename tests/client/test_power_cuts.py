@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,7 +18,7 @@ import pytest
 
 from ota_client.faults import CHECKPOINTS, CRASH_STATUS
 from ota_client.system import FileSystemInterface
-from tests.client.conftest import IMAGES, Device, LiveServer
+from tests.client.conftest import IMAGES, LiveServer, run_client_once
 from tests.client.proxy import Proxy, running_proxy
 
 pytestmark = pytest.mark.e2e
@@ -43,27 +40,6 @@ PHASE_AT = {
 def proxy(ota_server: LiveServer) -> Iterator[Proxy]:
     with running_proxy(ota_server.url) as running:
         yield running
-
-
-def run_once(device: Device, crash_at: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "OTA_CLIENT_CRASH_AT"}
-    if crash_at:
-        env["OTA_CLIENT_CRASH_AT"] = crash_at
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ota_client.cli",
-            "once",
-            "--config",
-            str(device.root / "client.toml"),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 def next_boot_is_complete(system: FileSystemInterface) -> bool:
@@ -92,7 +68,7 @@ def test_power_cut(
     device.write_toml()
     system = FileSystemInterface(device.config.state_dir / "system")
 
-    crashed = run_once(device, crash_at=point)
+    crashed = run_client_once(device, crash_at=point)
     assert crashed.returncode == CRASH_STATUS, crashed.stderr
     state = json.loads((device.config.state_dir / "state.json").read_text())
     assert state["phase"] == PHASE_AT[point]
@@ -103,7 +79,7 @@ def test_power_cut(
         system.boot()
         assert next_boot_is_complete(system)
 
-    finished = run_once(device)
+    finished = run_client_once(device)
     assert finished.returncode == 0, finished.stderr
     assert json.loads(finished.stdout) == {"outcome": "idle", "detail": "up_to_date"}
 
@@ -128,7 +104,7 @@ def test_new_image_that_hangs_before_validation_is_abandoned_by_the_bootloader(
     device = make_device()
     device.write_toml()
     system = FileSystemInterface(device.config.state_dir / "system")
-    crashed = run_once(device, crash_at="before-validation")
+    crashed = run_client_once(device, crash_at="before-validation")
     assert crashed.returncode == CRASH_STATUS, crashed.stderr
     # Each power cycle boots the trial again until its boots run out; then slot a.
     while system.read_env().trial:
@@ -136,7 +112,7 @@ def test_new_image_that_hangs_before_validation_is_abandoned_by_the_bootloader(
         assert next_boot_is_complete(system)
     assert system.booted_slot() == "a"
 
-    finished = run_once(device)
+    finished = run_client_once(device)
     assert finished.returncode == 0, finished.stderr
     [session] = ota_server.sessions(device.device_id)
     assert session["status"] == "failed"

@@ -22,6 +22,7 @@ from tests.e2e import celery_worker, fresh_database, gunicorn, manage, server_en
 pytestmark = pytest.mark.e2e
 
 ADMIN = ("fleet-admin", "fleet-password-123")
+OPEN_STATUSES = ("pending", "downloading", "installing", "validating")
 DEVICE_TYPE = "fleet-board"
 
 
@@ -220,7 +221,24 @@ def test_failing_installs_stop_the_first_stage_and_roll_updated_devices_back(
     # The same devices again, now healthy: every one that took 1.1.0 is offered 1.0.0 back. A
     # rollback that itself failed its health check while the faults were still on (the device
     # stays on 1.1.0) is recorded as a failed rollback session, never lost.
-    back = simulate(server, token, tmp_path / "fleet", 100, until_version="1.0.0", duration=60)
+    # Until every device that took 1.1.0 has finished its rollback, whichever way (a device
+    # whose rollback failed stays on 1.1.0, so "until 1.0.0" alone would wait out the duration).
+    settled = threading.Event()
+
+    def rollbacks_settled() -> None:
+        while not settled.wait(0.5):
+            rollbacks = server.metrics(rollout)["rollback_sessions"]
+            still_open = sum(rollbacks[status] for status in OPEN_STATUSES)
+            if not still_open and rollbacks["success"] + rollbacks["failed"] >= updated:
+                settled.set()
+
+    settler = threading.Thread(target=rollbacks_settled)
+    settler.start()
+    back = simulate(
+        server, token, tmp_path / "fleet", 100, stop=settled, until_version="1.0.0", duration=60
+    )
+    settled.set()
+    settler.join(timeout=10)
     metrics = server.metrics(rollout)
     rollbacks = metrics["rollback_sessions"]
     # Each device that took 1.1.0 got one rollback: those whose session succeeded, and those
