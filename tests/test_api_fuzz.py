@@ -24,7 +24,7 @@ from tests.e2e import fresh_database, gunicorn, manage, server_env
 pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("fuzz")]
 
 ADMIN = ("fuzz-admin", "fuzz-password-123")
-SECONDS = os.environ.get("FUZZ_SECONDS", "10")
+SECONDS = os.environ.get("FUZZ_SECONDS", "8")
 CHECKS = ",".join(
     [
         "not_a_server_error",
