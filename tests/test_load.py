@@ -15,7 +15,7 @@ pytestmark = pytest.mark.e2e
 
 
 def test_a_fleet_goes_through_a_rollout_and_nothing_is_lost(tmp_path: Path) -> None:
-    result = run(Options(devices=200, poll=1.0, soak=3, deadline=150), tmp_path)
+    result = run(Options(devices=150, poll=1.0, soak=2, deadline=150), tmp_path)
     assert result.ok, summary(result)
-    assert result.tally.answers["poll 200"] > 200
-    assert result.consistency["sessions"].get("failed", 0) == 4  # the 2% that fail their check
+    assert result.tally.answers["poll 200"] > 150
+    assert result.consistency["sessions"].get("failed", 0) == 3  # the 2% that fail their check

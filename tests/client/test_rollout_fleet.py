@@ -156,12 +156,12 @@ def watch(
         time.sleep(0.5)
 
 
-def test_200_devices_go_through_three_stages_and_the_rollout_completes(
+def test_120_devices_go_through_three_stages_and_the_rollout_completes(
     server: Server, tmp_path: Path
 ) -> None:
     server.publish("1.0.0")
     token = server.token()
-    enroll(server, token, tmp_path / "fleet", 200)
+    enroll(server, token, tmp_path / "fleet", 120)
     rollout = server.start_rollout(
         server.publish("1.1.0"),
         min_devices=5,
@@ -174,16 +174,16 @@ def test_200_devices_go_through_three_stages_and_the_rollout_completes(
     )
     watcher.start()
     summary = simulate(
-        server, server.token(), tmp_path / "fleet", 200, until_version="1.1.0", duration=240
+        server, server.token(), tmp_path / "fleet", 120, until_version="1.1.0", duration=240
     )
     watcher.join(timeout=30)
-    assert summary.versions == {"1.1.0": 200}, summary
+    assert summary.versions == {"1.1.0": 120}, summary
     assert seen[-1] == {"status": "completed", "stage": 2}, seen
     # It went stage by stage: 0, 1, 2 while active.
     stages = [step["stage"] for step in seen if step["status"] == "active"]
     assert stages == sorted(stages) and {0, 1, 2} <= set(stages), seen
     metrics = server.metrics(rollout)
-    assert sum(stage["sessions"]["success"] for stage in metrics["stages"]) == 200
+    assert sum(stage["sessions"]["success"] for stage in metrics["stages"]) == 120
     assert metrics["stages"][0]["devices"] < metrics["stages"][1]["devices"]
 
 

@@ -26,12 +26,12 @@ def keys_file(tmp_path: Path, ota_server: LiveServer) -> Path:
     return path
 
 
-def test_fleet_of_120_updates_to_the_group_target(ota_server: LiveServer, tmp_path: Path) -> None:
+def test_fleet_of_80_updates_to_the_group_target(ota_server: LiveServer, tmp_path: Path) -> None:
     out = io.StringIO()
     started = time.monotonic()
     summary = run_simulation(
         SimulationOptions(
-            devices=120,
+            devices=80,
             server=ota_server.url,
             device_type=DEVICE_TYPE,
             enrollment_token=ota_server.enrollment_token,
@@ -48,14 +48,14 @@ def test_fleet_of_120_updates_to_the_group_target(ota_server: LiveServer, tmp_pa
     elapsed = time.monotonic() - started
     print(out.getvalue())
     assert summary.reached_target, (summary.to_dict(), out.getvalue()[-2000:])
-    assert summary.versions == {"1.1.0": 120}
-    assert summary.phases == {"idle": 120}
-    # 120 x 1.5 MiB through 16 gunicorn workers on a 2-CPU box: under a minute in practice;
+    assert summary.versions == {"1.1.0": 80}
+    assert summary.phases == {"idle": 80}
+    # 80 x 1.5 MiB through 16 gunicorn workers on a 2-CPU box: under a minute in practice;
     # the bound is the duration, so a slow CI box is not a failure.
     assert elapsed < 150, elapsed
     assert "versions:" in out.getvalue()
     # The server saw it too: a successful session for a sample of the devices.
-    for device_id in summary.device_ids[::30]:
+    for device_id in summary.device_ids[::20]:
         assert device_id
         assert ota_server.device(device_id)["current_version"] == "1.1.0"
         assert [s["status"] for s in ota_server.sessions(device_id)] == ["success"]

@@ -410,8 +410,8 @@ def run(options: Options, var: Path) -> Result:
                 "success_threshold": 0.9,
                 # The fleet's 2% of failures never come near it; a stage is judged once this
                 # many of its devices finished, not on the first few.
-                "rollback_threshold": 0.25,
-                "min_devices": max(20, options.devices // 50),
+                "rollback_threshold": 0.35,
+                "min_devices": max(10, options.devices // 50),
                 "device_timeout": 600,
             },
         )
