@@ -260,10 +260,7 @@ class Listener:
     def _listen(self) -> None:
         import psycopg
 
-        params = dict(connections["default"].get_connection_params())
-        for name in ("cursor_factory", "context", "prepare_threshold"):
-            params.pop(name, None)
-        with psycopg.connect(autocommit=True, **params) as conn:
+        with psycopg.connect(autocommit=True, **connection_params()) as conn:
             conn.execute(f"LISTEN {CHANNEL}")
             # Only now may an epoch start: earlier notifications were not heard.
             self._settle([GLOBAL])
@@ -316,6 +313,14 @@ class Listener:
         held = self.claim(keys=[epoch_key()], args=[self.id, "", EPOCH_SECONDS])
         if held is None or held.decode() != self.epoch:
             raise Standby
+
+
+def connection_params() -> dict[str, Any]:
+    """Django's connection settings for a plain psycopg connection of our own (LISTEN)."""
+    params = dict(connections["default"].get_connection_params())
+    for name in ("cursor_factory", "context", "prepare_threshold"):
+        params.pop(name, None)
+    return params
 
 
 class Standby(Exception):

@@ -58,6 +58,21 @@ def manage(env: dict[str, str], *args: str) -> str:
     return result.stdout
 
 
+def migrate_with_admin(env: dict[str, str], admin: tuple[str, str], email: str) -> None:
+    """Migrate the installation ``env`` names and create its superuser ``admin`` (name,
+    password)."""
+    manage(env, "migrate", "--noinput")
+    manage(
+        {**env, "DJANGO_SUPERUSER_PASSWORD": admin[1]},
+        "createsuperuser",
+        "--noinput",
+        "--username",
+        admin[0],
+        "--email",
+        email,
+    )
+
+
 @contextmanager
 def _server(name: str, args: list[str], env: dict[str, str], port: int) -> Iterator[str]:
     """Run ``python -m <args>`` until it answers /health on ``port``; stop it afterwards. Its

@@ -293,10 +293,7 @@ def heard(statements: list[tuple[str, list[Any]]]) -> set[str]:
     """What the triggers notify for these statements, each committed on its own."""
     import psycopg
 
-    params = dict(connection.get_connection_params())
-    for name in ("cursor_factory", "context", "prepare_threshold"):
-        params.pop(name, None)
-    with psycopg.connect(autocommit=True, **params) as listening:
+    with psycopg.connect(autocommit=True, **answers.connection_params()) as listening:
         listening.execute(f"LISTEN {answers.CHANNEL}")
         with connection.cursor() as cursor:
             for sql, args in statements:

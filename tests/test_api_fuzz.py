@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.e2e import fresh_database, gunicorn, manage, server_env
+from tests.e2e import fresh_database, gunicorn, manage, migrate_with_admin, server_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("fuzz")]
 
@@ -45,16 +45,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict
             REDIS_URL=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/15"),
             CACHE_KEY_PREFIX=f"fuzz-{os.getpid()}",
         )
-        manage(env, "migrate", "--noinput")
-        manage(
-            {**env, "DJANGO_SUPERUSER_PASSWORD": ADMIN[1]},
-            "createsuperuser",
-            "--noinput",
-            "--username",
-            ADMIN[0],
-            "--email",
-            "fuzz@example.com",
-        )
+        migrate_with_admin(env, ADMIN, "fuzz@example.com")
         with gunicorn(env, workers=2) as base:
             yield base, env
 

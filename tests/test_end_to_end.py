@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.e2e import fresh_database, gunicorn, manage, server_env
+from tests.e2e import fresh_database, gunicorn, manage, migrate_with_admin, server_env
 
 pytestmark = pytest.mark.e2e
 
@@ -157,17 +157,7 @@ def device_flow(base: str, env: dict[str, str]) -> None:
 
 
 def prepare(env: dict[str, str]) -> None:
-    manage(env, "migrate", "--noinput")
-    os_env = {**env, "DJANGO_SUPERUSER_PASSWORD": "e2e-password-123"}
-    manage(
-        os_env,
-        "createsuperuser",
-        "--noinput",
-        "--username",
-        "e2e-admin",
-        "--email",
-        "e2e@example.com",
-    )
+    migrate_with_admin(env, ("e2e-admin", "e2e-password-123"), "e2e@example.com")
 
 
 def test_embedded_mode_needs_no_service(tmp_path: Path) -> None:

@@ -14,7 +14,14 @@ from typing import Any
 import pytest
 import requests
 
-from tests.e2e import celery_worker, fresh_database, gunicorn, manage, server_env
+from tests.e2e import (
+    celery_worker,
+    fresh_database,
+    gunicorn,
+    manage,
+    migrate_with_admin,
+    server_env,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -109,16 +116,7 @@ def live(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
 
 
 def prepare(env: dict[str, str]) -> None:
-    manage(env, "migrate", "--noinput")
-    manage(
-        {**env, "DJANGO_SUPERUSER_PASSWORD": ADMIN[1]},
-        "createsuperuser",
-        "--noinput",
-        "--username",
-        ADMIN[0],
-        "--email",
-        "live@example.com",
-    )
+    migrate_with_admin(env, ADMIN, "live@example.com")
 
 
 def publish(base: str, version: str) -> str:

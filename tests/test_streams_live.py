@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
-from tests.e2e import daphne, fresh_database, gunicorn, manage, server_env
+from tests.e2e import daphne, fresh_database, gunicorn, manage, migrate_with_admin, server_env
 
 pytestmark = pytest.mark.e2e
 
@@ -110,16 +110,7 @@ class WebSocket:
 
 def prepare(env: dict[str, str]) -> str:
     """Migrate, an admin for the HTTP API, and a viewer API key for the stream; its token."""
-    manage(env, "migrate", "--noinput")
-    manage(
-        {**env, "DJANGO_SUPERUSER_PASSWORD": ADMIN[1]},
-        "createsuperuser",
-        "--noinput",
-        "--username",
-        ADMIN[0],
-        "--email",
-        "streams@example.com",
-    )
+    migrate_with_admin(env, ADMIN, "streams@example.com")
     created = json.loads(
         manage(env, "apikey", "create", "--name", "ws", "--role", "viewer", "--json")
     )

@@ -20,7 +20,7 @@ import pytest
 import requests
 
 from ota_client.config import Config
-from tests.e2e import gunicorn, manage, server_env
+from tests.e2e import gunicorn, manage, migrate_with_admin, server_env
 
 DEVICE_TYPE = "client-board"
 ADMIN = ("client-admin", "client-password-123")
@@ -128,16 +128,7 @@ def ota_server(
         # The first publish creates the TUF repository (root key under the server's var dir).
         TUF_AUTO_INIT="true",
     )
-    manage(env, "migrate", "--noinput")
-    manage(
-        {**env, "DJANGO_SUPERUSER_PASSWORD": ADMIN[1]},
-        "createsuperuser",
-        "--noinput",
-        "--username",
-        ADMIN[0],
-        "--email",
-        "client@example.com",
-    )
+    migrate_with_admin(env, ADMIN, "client@example.com")
     # Enough workers for the 200-device fleet simulation (tests/client/test_simulate.py).
     with gunicorn(env, workers=10) as base:
         firmware = {version: _upload(base, version) for version in IMAGES}

@@ -37,7 +37,7 @@ from ota_client.verifier import (
     trusted_after,
 )
 from tests.client.proxy import running_proxy
-from tests.e2e import fresh_database, gunicorn, manage, server_env
+from tests.e2e import fresh_database, gunicorn, manage, migrate_with_admin, server_env
 
 pytestmark = pytest.mark.e2e
 
@@ -112,16 +112,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             # The first publish creates the TUF repository; devices ship with its root.
             TUF_AUTO_INIT="true",
         )
-        manage(env, "migrate", "--noinput")
-        manage(
-            {**env, "DJANGO_SUPERUSER_PASSWORD": ADMIN[1]},
-            "createsuperuser",
-            "--noinput",
-            "--username",
-            ADMIN[0],
-            "--email",
-            "rotation@example.com",
-        )
+        migrate_with_admin(env, ADMIN, "rotation@example.com")
         with gunicorn(env, workers=2) as base:
             yield Server(url=base, env=env)
 

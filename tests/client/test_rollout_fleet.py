@@ -17,7 +17,14 @@ import pytest
 import requests
 
 from ota_client.simulate import SimulationOptions, Summary, run_simulation
-from tests.e2e import celery_worker, fresh_database, gunicorn, manage, server_env
+from tests.e2e import (
+    celery_worker,
+    fresh_database,
+    gunicorn,
+    manage,
+    migrate_with_admin,
+    server_env,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -85,16 +92,7 @@ def server(tmp_path: Path) -> Iterator[Server]:
             ROLLOUT_EVALUATION_INTERVAL="0.5",
             ROLLOUT_CACHE_TIMEOUT="1",
         )
-        manage(env, "migrate", "--noinput")
-        manage(
-            {**env, "DJANGO_SUPERUSER_PASSWORD": ADMIN[1]},
-            "createsuperuser",
-            "--noinput",
-            "--username",
-            ADMIN[0],
-            "--email",
-            "fleet@example.com",
-        )
+        migrate_with_admin(env, ADMIN, "fleet@example.com")
         # The fleet shares two cores with the servers: many sync workers keep downloads from
         # queueing behind polls.
         with gunicorn(env, workers=8) as base, celery_worker(env):

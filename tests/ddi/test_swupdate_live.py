@@ -32,7 +32,13 @@ from tests.ddi.swupdate_support import (
     start_swupdate,
     swupdate_available,
 )
-from tests.e2e import celery_worker, fresh_database, gunicorn, manage, server_env
+from tests.e2e import (
+    celery_worker,
+    fresh_database,
+    gunicorn,
+    migrate_with_admin,
+    server_env,
+)
 
 pytestmark = [
     pytest.mark.skipif(not swupdate_available(), reason="needs Debian's swupdate (make test)"),
@@ -139,16 +145,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             ROLLOUT_EVALUATION_INTERVAL="1",
             TUF_AUTO_INIT="true",
         )
-        manage(env, "migrate", "--noinput")
-        manage(
-            {**env, "DJANGO_SUPERUSER_PASSWORD": ADMIN[1]},
-            "createsuperuser",
-            "--noinput",
-            "--username",
-            ADMIN[0],
-            "--email",
-            "ddi@example.com",
-        )
+        migrate_with_admin(env, ADMIN, "ddi@example.com")
         with (
             gunicorn(env, workers=3) as base,
             celery_worker(env),

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import requests
 
-from tests.e2e import gunicorn, manage, server_env
+from tests.e2e import gunicorn, manage, migrate_with_admin, server_env
 from tests.faults import services
 
 ADMIN = ("fault-admin", "fault-password-123")
@@ -46,16 +46,7 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
             ROLLOUT_EVALUATION_INTERVAL="0.5",
             ROLLOUT_CACHE_TIMEOUT="1",
         )
-        manage(env, "migrate", "--noinput")
-        manage(
-            {**env, "DJANGO_SUPERUSER_PASSWORD": ADMIN[1]},
-            "createsuperuser",
-            "--noinput",
-            "--username",
-            ADMIN[0],
-            "--email",
-            "fault@example.com",
-        )
+        migrate_with_admin(env, ADMIN, "fault@example.com")
         with gunicorn(env, workers=2) as base:
             yield Stack(base, env, postgres, redis_server)
 
