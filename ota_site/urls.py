@@ -14,6 +14,7 @@ from metrics import health, prometheus
 from ota_site import api as core
 from rollouts.api import rollout_views
 from rollouts.api import views as rollouts
+from rollouts.ddi import schema as ddi_schema
 
 router = SimpleRouter(trailing_slash=False)
 router.register("groups", devices.DeviceGroupViewSet, basename="group")
@@ -130,6 +131,7 @@ urlpatterns = [
     path("api/v1/", include(api_v1)),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
+    path("api/ddi/schema/", ddi_schema.schema_view, name="ddi-schema"),
     path("health", health.health, name="health"),
     path("health/ready", health.ready, name="health-ready"),
     path("metrics", prometheus.metrics_view, name="prometheus-metrics"),

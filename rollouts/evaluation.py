@@ -193,16 +193,20 @@ def _judge(rollout: Rollout, now: datetime) -> str:
 
 def stage_population(rollout: Rollout, position: int, stages: list[RolloutStage]) -> int:
     """Devices that take part in this stage: targeted, in its slice of the buckets, and either
-    already in a session of it or still able to get one (below the firmware's version and not
-    below its min_version). Devices that will never be offered it do not hold the stage up."""
+    in a session of it that can still finish or still able to get one (below the firmware's
+    version and not below its min_version). Devices that will never be offered it do not hold the
+    stage up, and neither do devices whose session of this rollout was cancelled (one that
+    declined or gave up, or whose assignment changed): the rollout does not offer it again."""
     lower = bucket_limit(stages[position - 1].percentage) if position else 0
     devices = targeting.in_stage(
         targeting.targeted_devices(rollout), rollout, stages[position].percentage
     ).filter(ota_bucket__gte=lower)  # type: ignore[misc]
-    joined = UpdateSession.objects.filter(
-        device=OuterRef("pk"), rollout=rollout, stage=position, is_rollback=False
+    sessions = UpdateSession.objects.filter(
+        device=OuterRef("pk"), rollout=rollout, is_rollback=False
     )
-    eligible = Q(current_version_key__lt=rollout.firmware.version_key)
+    joined = sessions.filter(stage=position).exclude(status=SessionStatus.CANCELLED)
+    cancelled = sessions.filter(status=SessionStatus.CANCELLED)
+    eligible = Q(current_version_key__lt=rollout.firmware.version_key) & ~Q(Exists(cancelled))
     if rollout.firmware.min_version:
         eligible &= Q(current_version_key__gte=version_key(rollout.firmware.min_version))
     return devices.filter(Q(Exists(joined)) | eligible).count()

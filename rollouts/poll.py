@@ -159,8 +159,15 @@ def read_device(device_id: Any) -> tuple[Device, Any] | None:
     return None
 
 
-def check_for_update(device_id: Any, *, generation: int | None = None) -> Offer:
-    """What should this device install now? Opens the update session when one is offered."""
+def check_for_update(
+    device_id: Any, *, generation: int | None = None, confirm_cancels: bool = False
+) -> Offer:
+    """What should this device install now? Opens the update session when one is offered.
+
+    ``confirm_cancels`` (hawkBit DDI devices): when an assignment changed under an open session,
+    the session is cancelled and nothing new is offered yet (reason ``cancelling``, with the
+    cancelled session's id), so that the device is told to stop before it is told what comes
+    next. Our own agent takes the new offer in the same answer."""
     found = read_device(device_id)
     if found is None:
         raise SessionNotFound("This device no longer exists.", code="device_not_found")
@@ -188,6 +195,8 @@ def check_for_update(device_id: Any, *, generation: int | None = None) -> Offer:
             return _continue(device, latest)
         # An assignment replaced or removed under an open session: that session will never end.
         cancel_session(latest.id, reason="The assigned firmware changed.")
+        if confirm_cancels:
+            return Offer(firmware=None, reason="cancelling", session_id=latest.id)
         latest, wrote = None, True
 
     if assigned_version:

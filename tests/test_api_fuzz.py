@@ -1,7 +1,8 @@
 """Hostile input: schemathesis generates requests from /api/schema/ for every operation and sends
 them to a real gunicorn, as an admin (basic auth), an operator and a viewer (API keys) and a
-device (its bearer token). No answer may be a 5xx, and every answer must be what the schema says:
-a documented status code, the documented media type, a body that validates.
+device (its bearer token); and from /api/ddi/schema/ as a hawkBit DDI device (its target token).
+No answer may be a 5xx, and every answer must be what the schema says: a documented status code,
+the documented media type, a body that validates.
 
 The run is short (a time budget per identity) so that the suite stays within its budget; the
 seed changes with each run, so CI keeps exploring. `FUZZ_SECONDS` makes it longer by hand.
@@ -71,17 +72,13 @@ def identity(name: str, base: str, env: dict[str, str]) -> list[str]:
     return ["--header", f"Authorization: Bearer {reply.json()['access_token']}"]
 
 
-@pytest.mark.parametrize("name", ["admin", "operator", "viewer", "device"])
-def test_the_api_survives_generated_requests(
-    server: tuple[str, dict[str, str]], name: str, tmp_path: Path
-) -> None:
-    base, env = server
+def schemathesis(tmp_path: Path, *options: str) -> None:
+    """Run schemathesis with ``options`` (the schema, who, and perhaps a config file); assert that
+    it found nothing."""
     command = [
         str(Path(sys.executable).parent / "schemathesis"),
         "--no-color",
-        "run",
-        f"{base}/api/schema/",
-        *identity(name, base, env),
+        *options,
         "--checks",
         CHECKS,
         "--phases",
@@ -100,3 +97,73 @@ def test_the_api_survives_generated_requests(
     failures = out[out.find("FAILURES") : out.find("WARNINGS")] if "FAILURES" in out else ""
     report = failures[:8000] + out[out.rfind("SUMMARY") :] + result.stderr[-2000:]
     assert result.returncode == 0, report
+
+
+@pytest.mark.parametrize("name", ["admin", "operator", "viewer", "device"])
+def test_the_api_survives_generated_requests(
+    server: tuple[str, dict[str, str]], name: str, tmp_path: Path
+) -> None:
+    base, env = server
+    schemathesis(tmp_path, "run", f"{base}/api/schema/", *identity(name, base, env))
+
+
+def test_the_ddi_survives_generated_requests(
+    server: tuple[str, dict[str, str]], tmp_path: Path
+) -> None:
+    """A DDI device with an open action, so that most requests reach the views' own checks and
+    the feedback changes a real session; now and then a path parameter is left random."""
+    base, _ = server
+    admin = requests.Session()
+    admin.auth = ADMIN
+    provisioned = admin.post(
+        f"{base}/api/v1/devices/ddi",
+        json={"controller_id": "fuzz-ddi", "device_type": "fz-ddi", "current_version": "1.0.0"},
+        timeout=10,
+    )
+    assert provisioned.status_code == 201, provisioned.text
+    device = provisioned.json()
+    firmware = admin.post(
+        f"{base}/api/v1/firmware",
+        data={"device_type": "fz-ddi", "version": "1.1.0"},
+        files={"file": ("fuzz-1.1.0.bin", b"fuzz image " * 100)},
+        timeout=30,
+    ).json()
+    admin.post(f"{base}/api/v1/firmware/{firmware['id']}/publish", timeout=10).raise_for_status()
+    admin.patch(
+        f"{base}/api/v1/devices/{device['device']['id']}",
+        json={"target_version": "1.1.0"},
+        timeout=10,
+    ).raise_for_status()
+    token = f"TargetToken {device['target_token']}"
+    poll = requests.get(
+        f"{base}/DEFAULT/controller/v1/fuzz-ddi", headers={"Authorization": token}, timeout=10
+    ).json()
+    action = int(poll["_links"]["deploymentBase"]["href"].split("?")[0].rsplit("/", 1)[-1])
+    filename = str(firmware["filename"])
+    known = {
+        "tenant": ["DEFAULT", "default"],
+        "controllerId": ["fuzz-ddi"],
+        "actionId": [action],
+        "softwareModuleId": [str(firmware["id"])],
+        "filename": [filename, f"{filename}.MD5SUM"],
+    }
+    config = tmp_path / "schemathesis.toml"
+    config.write_text(
+        "".join(
+            f"[dictionaries.{name}]\nvalues = {json.dumps(values)}\n"
+            for name, values in known.items()
+        )
+        + "[parameters]\n"
+        + "".join(
+            f'"path.{name}" = {{ dictionary = "{name}", probability = 0.9 }}\n' for name in known
+        )
+    )
+    schemathesis(
+        tmp_path,
+        "--config-file",
+        str(config),
+        "run",
+        f"{base}/api/ddi/schema/",
+        "--header",
+        f"Authorization: {token}",
+    )

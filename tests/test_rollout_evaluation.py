@@ -80,6 +80,21 @@ def test_the_last_stage_completes_only_when_every_device_finished(v2: Firmware) 
     assert rollout.status == RolloutStatus.COMPLETED and rollout.completed_at is not None
 
 
+def test_a_small_stage_is_not_held_up_by_a_device_that_declined(v2: Firmware) -> None:
+    """A stage smaller than min_devices waits for all of its devices, but not for one whose
+    session was cancelled (a DDI device's "rejected"): the rollout never offers it again."""
+    devices = fleet(3)
+    rollout = started(v2, 100, min_devices=5)
+    for device in devices[:2]:
+        run_device(device)
+    assert evaluate(rollout) == ""  # the third has not answered yet
+    offer = poll.check_for_update(devices[2].id)
+    assert offer.session_id is not None
+    services.cancel_session(offer.session_id, reason="The device declined.", by_device=True)
+    assert poll.check_for_update(devices[2].id).reason == "already_cancelled"
+    assert evaluate(rollout) == "completed"
+
+
 def test_failures_roll_back_the_devices_that_updated(v1: Firmware, v2: Firmware) -> None:
     devices = fleet(200)
     rollout = started(v2, 30, 100, min_devices=10, rollback_threshold=0.2)

@@ -117,8 +117,12 @@ def poll_view(request: HttpRequest, device: Device) -> HttpResponseBase:
         device_services.mark_seen(device.id, device.last_seen)
         links["cancelAction"] = {"href": f"{base}/cancelAction/{latest['id']}"}
     else:
-        offer = count_update_check("ddi", poll.check_for_update, device.id)
-        if offer.firmware is not None and offer.session_id is not None:
+        offer = count_update_check("ddi", poll.check_for_update, device.id, confirm_cancels=True)
+        if offer.reason == "cancelling":
+            # An assignment changed under the open action: the device stops it first (as with
+            # hawkBit), and the next poll after its confirmation offers what is assigned now.
+            links["cancelAction"] = {"href": f"{base}/cancelAction/{offer.session_id}"}
+        elif offer.firmware is not None and offer.session_id is not None:
             links["deploymentBase"] = {
                 "href": f"{base}/deploymentBase/{offer.session_id}?c={offer.session_id:x}"
             }

@@ -22,13 +22,14 @@ from django.test import Client, RequestFactory
 from django.urls import resolve
 
 from devices import ddi
+from devices import services as device_services
 from devices.models import DdiTarget, Device
 from firmware import services as firmware_services
 from firmware.models import Firmware
 from rollouts import lifecycle
 from rollouts.models import Rollout, RolloutStatus, SessionStatus, UpdateSession
 from tests.conftest import content_of
-from tests.factories import DeviceFactory, firmware_bytes
+from tests.factories import DeviceFactory, FirmwareFactory, firmware_bytes
 from tests.rollouts_support import evaluate, run_device, started
 
 TENANT = "DEFAULT"
@@ -400,6 +401,26 @@ class TestRolloutSemantics:
         reply = target.feedback(action_id, report("closed", "success"), on="cancelAction")
         assert reply.status_code == 200
         assert session_of(action_id).cancel_acknowledged_at == acknowledged
+
+    def test_a_new_assignment_under_an_open_action_is_cancelled_first(
+        self, target: Target, rollout: Rollout
+    ) -> None:
+        """As with hawkBit: the device is told to stop the running action, and only after it
+        confirms is the newly assigned firmware offered."""
+        action_id = target.offered()
+        assert target.feedback(action_id, report("proceeding")).status_code == 200
+        v3 = firmware_services.publish_firmware(FirmwareFactory.create(version="1.2.0"))
+        device_services.update_device(target.device, target_version="1.2.0")
+        for _ in range(2):  # the same answer until the device confirms
+            links = target.links()
+            assert "deploymentBase" not in links, links
+            assert action_of(links["cancelAction"]["href"], "cancelAction") == action_id
+        assert session_of(action_id).status == SessionStatus.CANCELLED
+        reply = target.feedback(action_id, report("closed", "success"), on="cancelAction")
+        assert reply.status_code == 200
+        new_action = target.offered()
+        assert new_action != action_id
+        assert session_of(new_action).firmware_id == v3.id
 
     def test_a_rejected_cancel_is_settled_and_the_install_counts(
         self, target: Target, rollout: Rollout
