@@ -112,12 +112,7 @@ def evaluate_rollout(rollout_id: Any) -> str:
             try:
                 check_start_conflicts(rollout)
             except StateConflict as exc:
-                rollout.status = RolloutStatus.PAUSED
-                rollout.status_reason = f"Could not start at start_at: {exc.detail}"
-                rollout.save()
-                rollout_event(rollout, EventKind.ROLLOUT_PAUSED, None, reason=rollout.status_reason)
-                forget_live_specs()
-                return "paused"
+                return _pause(rollout, f"Could not start at start_at: {exc.detail}")
             rollout.status = RolloutStatus.ACTIVE
             rollout.current_stage = 0
             rollout.started_at = rollout.stage_started_at = now
@@ -176,8 +171,14 @@ def _judge(rollout: Rollout, now: datetime) -> str:
     soaked = rollout.stage_started_at is None or now - rollout.stage_started_at >= timedelta(
         seconds=stage.min_duration
     )
-    if not soaked or (stats.finished and stats.success_rate < rollout.success_threshold):
+    if not soaked:
         return ""
+    if stats.finished and stats.success_rate < rollout.success_threshold:
+        # Between the two thresholds: more results may lift the rate. Once every device of the
+        # stage has finished none will, and waiting on would stall the rollout without a word.
+        if stats.finished < stage_population(rollout, position, stages):
+            return ""
+        return _pause_short_of_success(rollout, position, stage.name, stats)
     last = position + 1 >= len(stages)
     if last:
         # The last stage completes once every targeted device has finished, and only after some
@@ -189,6 +190,26 @@ def _judge(rollout: Rollout, now: datetime) -> str:
     rate = f"{stats.success_rate:.0%}" if stats.finished else "no devices"
     advance_stage(rollout, None, f"Stage {position + 1} succeeded ({rate}).")
     return "completed" if last else "advanced"
+
+
+def _pause_short_of_success(rollout: Rollout, position: int, name: str, stats: StageStats) -> str:
+    reason = (
+        f"Stage {position + 1} ({name}): all {stats.finished} devices finished and "
+        f"{stats.success} succeeded ({stats.success_rate:.0%}), below the success threshold of "
+        f"{rollout.success_threshold:.0%}. Advance it, lower the threshold and resume, or "
+        "cancel the rollout."
+    )
+    return _pause(rollout, reason)
+
+
+def _pause(rollout: Rollout, reason: str) -> str:
+    """The engine pauses the rollout (an operator resumes, advances or cancels it)."""
+    rollout.status = RolloutStatus.PAUSED
+    rollout.status_reason = reason
+    rollout.save()
+    rollout_event(rollout, EventKind.ROLLOUT_PAUSED, None, reason=reason)
+    forget_live_specs()
+    return "paused"
 
 
 def stage_population(rollout: Rollout, position: int, stages: list[RolloutStage]) -> int:
@@ -248,12 +269,7 @@ def _time_out_sessions(rollout: Rollout, now: datetime) -> int:
 
 def _stop_for_failures(rollout: Rollout, reason: str, now: datetime) -> str:
     if not rollout.auto_rollback:
-        rollout.status = RolloutStatus.PAUSED
-        rollout.status_reason = reason
-        rollout.save()
-        rollout_event(rollout, EventKind.ROLLOUT_PAUSED, None, reason=reason)
-        forget_live_specs()
-        return "paused"
+        return _pause(rollout, reason)
     rollout.status = RolloutStatus.ROLLED_BACK
     rollout.status_reason = reason
     rollout.completed_at = now

@@ -139,6 +139,31 @@ def test_without_auto_rollback_failures_pause_with_a_reason(v2: Firmware) -> Non
     assert paused.actor == "system" and paused.data["reason"] == rollout.status_reason
 
 
+def test_a_stage_short_of_its_success_threshold_waits_then_pauses_once_all_finished(
+    v2: Firmware,
+) -> None:
+    """Rates between the thresholds (under 95% success, yet not over 20% failed) wait while
+    devices of the stage may still finish, and pause with a reason once all have: waiting on
+    would stall the rollout without a word."""
+    devices = fleet(10)
+    rollout = started(v2, 100, min_devices=5, rollback_threshold=0.2)
+    run_device(devices[0], "failed")
+    for device in devices[1:9]:
+        run_device(device)
+    assert evaluate(rollout) == ""  # 8 of 9 (89%), and one device still to finish
+    run_device(devices[9])
+    assert evaluate(rollout) == "paused"  # 9 of 10 (90%), and none left
+    rollout.refresh_from_db()
+    assert rollout.status == RolloutStatus.PAUSED
+    assert "all 10 devices finished and 9 succeeded (90%)" in rollout.status_reason
+    paused = Event.objects.get(rollout_id=rollout.id, kind="rollout.paused")
+    assert paused.actor == "system" and paused.data["reason"] == rollout.status_reason
+    # An operator who accepts the rate lowers the threshold and resumes.
+    lifecycle.update_rollout(rollout, {"success_threshold": 0.9})
+    lifecycle.resume_rollout(rollout)
+    assert evaluate(rollout) == "completed"
+
+
 def test_stuck_sessions_time_out_and_count_as_failures(v2: Firmware) -> None:
     devices = fleet(10)
     rollout = started(v2, 100, min_devices=5, rollback_threshold=0.3, device_timeout=600)

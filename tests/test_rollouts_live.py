@@ -178,7 +178,10 @@ def test_failing_installs_stop_the_rollout_and_roll_devices_back(live) -> None:
     base, env = live
     token = json.loads(manage(env, "create_enrollment_token", "--name", "live", "--json"))["token"]
     publish(base, "1.0.0")
-    fleet = Fleet(base, token, 60, fail_every=3)  # a third of the installs fail
+    # Half the installs fail. With a third, a first stage that happened to draw few failing
+    # devices (4 of 24) stayed under the 20% threshold and, short of its success threshold with
+    # every device finished, was paused instead: right, but not what this test is about.
+    fleet = Fleet(base, token, 60, fail_every=2)
     rid = rollout(
         base,
         publish(base, "1.1.0"),
