@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from django.contrib.auth.models import User
+from django.core.cache.backends.redis import RedisCache
 from rest_framework.test import APIClient
 
 from devices import services as device_services
@@ -21,8 +22,12 @@ from tests.factories import FirmwareFactory
 
 
 @pytest.fixture(autouse=True)
-def _isolated(settings: Any, tmp_path: Any) -> None:
+def _isolated(settings: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test gets its own storage folder, signing key and cache namespace."""
+    # Django's RedisCache.clear() is FLUSHDB: it would wipe the keys of the tests that the other
+    # xdist worker and the live servers run on the same Redis database at that moment (buffered
+    # sightings, rate-limit buckets, Celery's queues). A test deletes the keys it means instead.
+    monkeypatch.setattr(RedisCache, "clear", _no_flush)
     settings.MEDIA_ROOT = str(tmp_path / "media")
     settings.STORAGES = {
         **settings.STORAGES,
@@ -40,6 +45,10 @@ def _isolated(settings: Any, tmp_path: Any) -> None:
     worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
     caches["default"]["KEY_PREFIX"] = f"test:{worker}:{uuid.uuid4().hex[:12]}"
     settings.CACHES = caches
+
+
+def _no_flush(self: Any) -> None:
+    raise AssertionError("cache.clear() empties the shared Redis database; delete your keys")
 
 
 @pytest.fixture
