@@ -2,7 +2,7 @@
 
 The DDI views are plain Django views (views.py says why), so drf-spectacular cannot describe
 them; this document is written by hand from what the views answer. It is what integrators read
-next to docs/ddi.md, and what schemathesis fuzzes the DDI against (tests/test_ddi_fuzz.py), so a
+next to docs/ddi.md, and what schemathesis fuzzes the DDI against (tests/test_api_fuzz.py), so a
 reply the document does not describe fails the suite.
 """
 
@@ -12,8 +12,8 @@ from typing import Any
 
 from django.conf import settings
 from django.http import HttpRequest, JsonResponse
-from django.views.decorators.http import require_GET
 
+from ota_site.errors import json_error
 from ota_site.schema import ERROR_SCHEMA
 from rollouts.ddi.auth import MAX_CONTROLLER_ID
 from rollouts.ddi.feedback import EXECUTIONS, FINISHED_RESULTS
@@ -394,6 +394,9 @@ def document(tenant: str) -> dict[str, Any]:
     }
 
 
-@require_GET
 def schema_view(request: HttpRequest) -> JsonResponse:
+    if request.method not in ("GET", "HEAD"):
+        refusal = json_error(405, "method_not_allowed", "Use GET here.")
+        refusal["Allow"] = "GET, HEAD"
+        return refusal
     return JsonResponse(document(settings.DDI_TENANT), json_dumps_params={"indent": 1})

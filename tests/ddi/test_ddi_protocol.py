@@ -27,6 +27,7 @@ from devices.models import DdiTarget, Device
 from firmware import services as firmware_services
 from firmware.models import Firmware
 from rollouts import lifecycle
+from rollouts.ddi import urls as ddi_urls
 from rollouts.models import Rollout, RolloutStatus, SessionStatus, UpdateSession
 from tests.conftest import content_of
 from tests.factories import DeviceFactory, FirmwareFactory, firmware_bytes
@@ -616,3 +617,19 @@ def view_reply(target: Target, method: str, path: str) -> HttpResponseBase:
     )
     response: HttpResponseBase = match.func(request, *match.args, **match.kwargs)
     return response
+
+
+# --- The OpenAPI document -----------------------------------------------------------------------
+
+
+def test_the_openapi_document_describes_every_route(client: Client, settings: Any) -> None:
+    """/api/ddi/schema/ (what tests/test_api_fuzz.py fuzzes against) keeps up with the routes."""
+    settings.DDI_TENANT = "acme"
+    reply = client.get("/api/ddi/schema/")
+    assert reply.status_code == 200 and reply["Content-Type"] == "application/json"
+    document = reply.json()
+    assert document["openapi"].startswith("3.0")
+    assert len(document["paths"]) == len(ddi_urls.urlpatterns)
+    assert document["components"]["parameters"]["tenant"]["schema"]["example"] == "acme"
+    assert client.head("/api/ddi/schema/").status_code == 200
+    assert_refused(client.post("/api/ddi/schema/"), 405, "method_not_allowed")
