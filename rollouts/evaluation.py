@@ -130,6 +130,20 @@ def evaluate_rollout(rollout_id: Any) -> str:
             return "rollbacks_offered" if offered else ""
         if rollout.status not in (RolloutStatus.ACTIVE, RolloutStatus.PAUSED):
             return ""
+        firmware = rollout.firmware
+        if firmware.quarantined_at is not None:
+            # Its stored bytes failed verification (firmware.services.verify_storage): no device
+            # can download it, which says nothing about the firmware or the devices. Nothing times
+            # out and nothing is judged until it is restored and an operator resumes.
+            if rollout.status == RolloutStatus.PAUSED:
+                return ""
+            return _pause(
+                rollout,
+                f"Firmware {firmware.version} is quarantined: its stored file is missing or "
+                f"changed, so no device can download it. Restore the file (manage.py firmware "
+                f"verify {firmware.id} --restore FILE), then resume; raise device_timeout first "
+                "if its open sessions started longer ago than that.",
+            )
         _time_out_sessions(rollout, now)
         if rollout.status == RolloutStatus.PAUSED:
             return ""

@@ -6,6 +6,7 @@ import threading
 from datetime import timedelta
 
 import pytest
+from django.core.files.base import ContentFile
 from django.db import connection
 from django.utils import timezone
 from rest_framework.test import APIClient
@@ -173,6 +174,33 @@ def test_stuck_sessions_time_out_and_count_as_failures(v2: Firmware) -> None:
     assert evaluate(rollout) == "rolled_back"
     assert UpdateSession.objects.filter(status=SessionStatus.FAILED).count() == 10
     assert "Timed out" in (UpdateSession.objects.get(device=devices[0]).error_message or "")
+
+
+def test_quarantined_firmware_pauses_its_rollout_and_nothing_times_out(v2: Firmware) -> None:
+    """Storage that lost the firmware's bytes is no failure of the devices: the rollout pauses
+    (an engine pause, which alerts), open sessions wait, and it goes on once restored."""
+    devices = fleet(6)
+    rollout = started(v2, 100, min_devices=5, device_timeout=600)
+    for device in devices[:3]:
+        run_device(device, "none")  # offered, mid-download
+    content = v2.file.read()
+    v2.file.close()
+    v2.file.storage.delete(str(v2.file.name))
+    assert firmware_services.verify_storage(v2)["quarantined"]
+    assert evaluate(rollout) == "paused"
+    rollout.refresh_from_db()
+    assert "quarantined" in rollout.status_reason and str(v2.id) in rollout.status_reason
+    UpdateSession.objects.update(started_at=timezone.now() - timedelta(hours=1))
+    lifecycle.resume_rollout(rollout)
+    assert evaluate(rollout) == "paused"  # still quarantined: paused again, nothing timed out
+    assert UpdateSession.objects.filter(status=SessionStatus.FAILED).count() == 0
+    assert firmware_services.restore_storage(v2, ContentFile(content))["ok"]
+    lifecycle.update_rollout(rollout, {"device_timeout": 7200})
+    lifecycle.resume_rollout(rollout)
+    for device in devices:
+        run_device(device)
+    assert evaluate(rollout) == "completed"
+    assert UpdateSession.objects.filter(status=SessionStatus.SUCCESS).count() == 6
 
 
 def test_a_scheduled_rollout_starts_by_itself(v2: Firmware) -> None:
