@@ -42,20 +42,18 @@ def server_env(var_dir: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def manage(env: dict[str, str], *args: str) -> str:
+def _run_python(env: dict[str, str], args: list[str], what: str) -> str:
+    """``python <args>`` in the project's folder with ``env``; its output, or AssertionError."""
     result = subprocess.run(
-        [sys.executable, "manage.py", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
+        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
     )
     if result.returncode != 0:
-        raise AssertionError(
-            f"manage.py {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
-        )
+        raise AssertionError(f"{what} failed:\n{result.stdout}\n{result.stderr}")
     return result.stdout
+
+
+def manage(env: dict[str, str], *args: str) -> str:
+    return _run_python(env, ["manage.py", *args], f"manage.py {' '.join(args)}")
 
 
 # `manage.py migrate --noinput`, then `manage.py createsuperuser --noinput` (its password from
@@ -74,18 +72,11 @@ call_command("createsuperuser", interactive=False, username=sys.argv[1], email=s
 def migrate_with_admin(env: dict[str, str], admin: tuple[str, str], email: str) -> None:
     """Migrate the installation ``env`` names and create its superuser ``admin`` (name,
     password), as the two manage.py commands do."""
-    result = subprocess.run(
-        [sys.executable, "-c", _MIGRATE_WITH_ADMIN, admin[0], email],
-        cwd=ROOT,
-        env={**env, "DJANGO_SUPERUSER_PASSWORD": admin[1]},
-        capture_output=True,
-        text=True,
-        timeout=120,
+    _run_python(
+        {**env, "DJANGO_SUPERUSER_PASSWORD": admin[1]},
+        ["-c", _MIGRATE_WITH_ADMIN, admin[0], email],
+        "migrate and createsuperuser",
     )
-    if result.returncode != 0:
-        raise AssertionError(
-            f"migrate and createsuperuser failed:\n{result.stdout}\n{result.stderr}"
-        )
 
 
 @contextmanager
