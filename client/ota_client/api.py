@@ -99,6 +99,21 @@ def retry_after_seconds(value: str | None) -> float | None:
     return max(when.timestamp() - time.time(), 0.0)
 
 
+def clock_offset(date: str | None) -> float | None:
+    """The server's time minus this device's, in seconds, from an HTTP ``Date`` header; None
+    without a readable one. For telling a wrong device clock apart in messages only: the header
+    is not signed, so no decision rests on it."""
+    if not date:
+        return None
+    try:
+        when = parsedate_to_datetime(date)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return when.timestamp() - time.time()
+
+
 def error_of(response: requests.Response) -> tuple[str, str]:
     """The server's ``{code, detail}``, or a stand-in for a body that is not ours (a proxy's)."""
     try:
@@ -138,6 +153,8 @@ class ServerClient:
         self.identity = identity if config.use_certificate or identity.has_certificate() else None
         self._use_client_certificate()
         self._token: str | None = None
+        # The server's clock minus ours, from the last answer's Date header (clock_offset).
+        self.clock_offset: float | None = None
         self._token_expires = 0.0
         self.enrolled_now = False  # set when this process enrolled (for trust-on-first-use)
 
@@ -384,6 +401,9 @@ class ServerClient:
             except requests.RequestException as exc:
                 path = urlsplit(url).path
                 raise Offline(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
+            offset = clock_offset(response.headers.get("Date"))
+            if offset is not None:
+                self.clock_offset = offset
             if response.status_code != 429 or waited or not wait:
                 return response
             delay = retry_after_seconds(response.headers.get("Retry-After"))

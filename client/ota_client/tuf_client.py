@@ -36,6 +36,7 @@ import urllib3
 from tuf.api.exceptions import (
     DownloadError,
     DownloadHTTPError,
+    ExpiredMetadataError,
     LengthOrHashMismatchError,
     RepositoryError,
     SlowRetrievalError,
@@ -152,11 +153,30 @@ def check_offer(
             f"TUF metadata: {type(exc).__name__}: {exc}", retry_after=retry_after
         ) from exc
     except (RepositoryError, ValueError) as exc:
-        raise VerificationError(f"TUF metadata rejected: {type(exc).__name__}: {exc}") from exc
+        message = f"TUF metadata rejected: {type(exc).__name__}: {exc}"
+        if isinstance(exc, ExpiredMetadataError):
+            message += _clock_hint(server.clock_offset)
+        raise VerificationError(message) from exc
     if target is None:
         raise VerificationError(f"the TUF repository lists no target {offer.tuf_target!r}")
     check_target(target, offer)
     return {"path": target.path, **target.to_dict()}
+
+
+# A device clock this far ahead of the server's Date is named in the refusal of "expired"
+# metadata: the metadata may be valid, and the fix is the clock, not the server.
+CLOCK_AHEAD_HINT = 24 * 3600
+
+
+def _clock_hint(offset: float | None) -> str:
+    """Expired metadata is refused whatever the clock (TUF cannot tell a wrong clock from a
+    freeze attack, and the Date header is not signed); the message says which it likely is."""
+    if offset is None or -offset < CLOCK_AHEAD_HINT:
+        return ""
+    return (
+        f" (this device's clock is {-offset / 86400:.0f} days ahead of the server's Date: "
+        "set it right, for example with NTP, and the update can go ahead)"
+    )
 
 
 def check_target(target: TargetFile, offer: Offer) -> None:

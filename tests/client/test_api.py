@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from email.utils import formatdate
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -13,7 +15,7 @@ import pytest
 import requests
 from requests.adapters import BaseAdapter
 
-from ota_client.api import Offline, Refused, ServerClient
+from ota_client.api import Offline, Refused, ServerClient, clock_offset
 from ota_client.config import Config
 
 Reply = tuple[int, Mapping[str, str], Any]
@@ -212,3 +214,21 @@ def test_a_download_redirect_elsewhere_carries_no_token(tmp_path: Path) -> None:
     )
     assert response.status_code == 206
     assert [str(r.url) for r in transport.seen][-1] == "http://storage.test/bucket/image?sig=abc"
+
+
+@pytest.mark.parametrize(
+    ("header", "offset"),
+    [
+        ("", None),
+        ("yesterday", None),
+        ("Sat, 28 Nov 2026 10:00:00", None),  # no zone: not an HTTP date
+        (formatdate(time.time() - 3 * 86400, usegmt=True), -3 * 86400),
+        (formatdate(time.time() + 3600, usegmt=True), 3600),
+    ],
+)
+def test_the_clock_offset_is_read_from_the_date_header(header: str, offset: float | None) -> None:
+    found = clock_offset(header)
+    if offset is None:
+        assert found is None
+    else:
+        assert found == pytest.approx(offset, abs=2)
