@@ -13,7 +13,7 @@ import pytest
 
 from firmware.models import Firmware
 from tests.conftest import DeviceActor
-from tests.ddi.test_ddi_protocol import Target, provision
+from tests.ddi.ddi_support import Target, provision
 from tests.factories import FirmwareFactory
 from tests.rollouts_support import started
 from tests.test_configuration import check

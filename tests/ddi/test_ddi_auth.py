@@ -14,7 +14,8 @@ from devices import certificates, ddi
 from devices import services as device_services
 from devices.models import DdiTarget, Device, DeviceCA
 from ota_site.errors import StateConflict
-from tests.ddi.test_ddi_protocol import TENANT, Target, assert_refused, provision, target
+from tests.ddi.ddi_support import TENANT, Target, assert_refused, provision
+from tests.ddi.test_ddi_protocol import target
 from tests.test_device_certificates import make_csr
 
 __all__ = ["target"]  # the fixture, shared with test_ddi_protocol.py

@@ -18,7 +18,7 @@ from firmware.models import Firmware
 from ota_site.models import Event, EventKind
 from rollouts import lifecycle
 from rollouts.models import Rollout, SessionStatus
-from tests.ddi.test_ddi_protocol import (
+from tests.ddi.ddi_support import (
     Target,
     assert_refused,
     provision,
